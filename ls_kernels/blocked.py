@@ -1,0 +1,196 @@
+"""Blocked PyTorch path of long-short attention (``backend="torch"``).
+
+Memory grows linearly in N: queries are cut into segments and each segment is
+scored only against its window keys (a strided ``unfold`` view of the keys),
+plus the projected keys. The window part and the projected part are two partial
+softmaxes, each returning (row max, unnormalised output, normaliser), merged
+exactly into ONE softmax at the end, as split-KV attention kernels do. Row maxima
+are detached: the merged result does not depend on them, so gradients are exact.
+
+Matrix products run in the input dtype; LayerNorm, softmax statistics and the
+merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# elements of causal projected-key scores scored at once; larger inputs are cut
+# into query groups, checkpointed under autograd so memory stays linear in N
+_CAUSAL_GLOBAL_ELEMS = 1 << 25
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm(x, ln, eps):
+    """LayerNorm over the last dim of x (B, H, ..., D); ln = (weight, bias) of (D,) or (H, D)."""
+    D = x.shape[-1]
+    if ln is None:
+        return F.layer_norm(x, (D,), eps=eps)
+    weight, bias = ln
+    if weight.dim() == 1:
+        return F.layer_norm(x, (D,), weight.to(x.dtype), bias.to(x.dtype), eps=eps)
+    shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (D,)
+    return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
+
+
+def masked_softmax(x, visible, dim):
+    """Softmax over visible entries; a slice with nothing visible gives zeros (not NaN)."""
+    any_visible = visible.any(dim, keepdim=True)
+    x = x.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+    return torch.softmax(x, dim) * any_visible
+
+
+def _partial(q, k, v, visible, scale):
+    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
+
+    Returns the detached row max [..., M], the unnormalised output [..., M, D] and
+    the normaliser [..., M], all in the accumulation dtype.
+    """
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # [..., M, K]
+    s.mul_(scale).masked_fill_(~visible, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
+    p = s.sub_(m).exp_()  # [..., M, K]
+    num = torch.matmul(p.to(v.dtype), v).to(acc)  # [..., M, D]
+    return m.squeeze(-1), num, p.sum(-1)
+
+
+def _merge(parts):
+    """Combine partial softmaxes over disjoint key sets into one softmax output."""
+    m = parts[0][0]
+    for part in parts[1:]:
+        m = torch.maximum(m, part[0])
+    num, z = 0.0, 0.0
+    for m_i, num_i, z_i in parts:
+        alpha = torch.exp(m_i - m)
+        num = num + num_i * alpha[..., None]
+        z = z + z_i * alpha
+    return num / torch.where(z > 0, z, torch.ones_like(z))[..., None]
+
+
+def _segments(x, seg, n_seg):
+    """(B, H, N, D) -> (B, H, n_seg, seg, D), zero-padding the tail."""
+    B, H, N, D = x.shape
+    return F.pad(x, (0, 0, 0, n_seg * seg - N)).view(B, H, n_seg, seg, D)
+
+
+def _windows(x, left, right, size, step):
+    """Overlapping windows along dim 2 of (B, H, N, D): (B, H, n_win, size, D)."""
+    return F.pad(x, (0, 0, left, right)).unfold(2, size, step).transpose(-1, -2)
+
+
+def _local_bidirectional(q, k, v, pad, w, scale):
+    B, H, N, D = q.shape
+    n_seg = -(-N // w)
+    if n_seg == 1:  # w >= N: every query's window covers the whole sequence
+        return _partial(q, k, v, ~pad[:, None, None, :], scale)
+    e = max(w // 2, 1)
+    size, tail = w + 2 * e, n_seg * w - N
+    q_seg = _segments(q, w, n_seg)  # (B, H, S, w, D)
+    k_win = _windows(k, e, tail + e, size, w)  # (B, H, S, w + 2e, D)
+    v_win = _windows(v, e, tail + e, size, w)
+    key_pad = F.pad(pad, (e, tail + e), value=True).unfold(1, size, w)  # (B, S, w + 2e)
+    m, num, z = _partial(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale)
+    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+
+
+def _local_causal(q, k, v, pad, w, scale):
+    B, H, N, D = q.shape
+    w = min(w, N)  # a window longer than the sequence is plain causal attention
+    n_seg = -(-N // w)
+    size, tail = 2 * w - 1, n_seg * w - N
+    q_seg = _segments(q, w, n_seg)  # (B, H, S, w, D)
+    k_win = _windows(k, w - 1, tail, size, w)  # (B, H, S, 2w - 1, D): keys t - w + 1 .. t
+    v_win = _windows(v, w - 1, tail, size, w)
+    key_pad = F.pad(pad, (w - 1, tail), value=True).unfold(1, size, w)  # (B, S, 2w - 1)
+    i = torch.arange(w, device=q.device)[:, None]
+    u = torch.arange(size, device=q.device)[None, :]
+    band = (u >= i) & (u < i + w)  # (w, 2w - 1): query i of a segment sees keys i .. i + w - 1
+    visible = band & ~key_pad[:, None, :, None, :]  # (B, 1, S, w, 2w - 1)
+    m, num, z = _partial(q_seg, k_win, v_win, visible, scale)
+    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+
+
+def _projected_bidirectional(proj, k_src, v_src, pad, ln_global, eps):
+    """Projected keys and values (B, H, r, D) and whether the sequence has any real token (B,)."""
+    valid = ~pad[:, None, :, None]  # (B, 1, N, 1)
+    P = masked_softmax(proj.to(k_src.dtype), valid, dim=2)  # (B, H, N, r), softmax over positions
+    k_g = layer_norm(P.transpose(-1, -2) @ k_src, ln_global, eps)
+    v_g = layer_norm(P.transpose(-1, -2) @ v_src, ln_global, eps)
+    return k_g, v_g, (~pad).any(1)
+
+
+def _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps):
+    """Per-chunk projected keys and values (B, H, nc * r, D), chunk-major, and chunk validity (B, nc)."""
+    B, H, N, D = k_src.shape
+    r = proj.shape[-1]
+    nc = N // chunk
+    n = nc * chunk
+    valid = ~pad[:, :n].reshape(B, 1, nc, chunk, 1)
+    P = masked_softmax(proj[:, :, :n].to(k_src.dtype).reshape(B, H, nc, chunk, r), valid, dim=3)
+    k_g = layer_norm(P.transpose(-1, -2) @ k_src[:, :, :n].reshape(B, H, nc, chunk, D), ln_global, eps)
+    v_g = layer_norm(P.transpose(-1, -2) @ v_src[:, :, :n].reshape(B, H, nc, chunk, D), ln_global, eps)
+    return k_g.reshape(B, H, nc * r, D), v_g.reshape(B, H, nc * r, D), valid.reshape(B, nc, chunk).any(-1)
+
+
+def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale):
+    """Partial softmax of queries start .. start + len(q) over the chunks strictly before theirs."""
+    t = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
+    key_chunk = torch.arange(k_g.shape[2], device=q.device) // r
+    visible = (key_chunk[None, :] < t // chunk) & chunk_valid[:, None, None, key_chunk]  # (B, 1, G, K)
+    return _partial(q, k_g, v_g, visible, scale)
+
+
+def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
+    B, H, N, D = q.shape
+    nc = chunk_valid.shape[1]
+    group = max(chunk, (_CAUSAL_GLOBAL_ELEMS // max(B * H * nc * r, 1)) // chunk * chunk)
+    if group >= N:
+        return _causal_global_group(q, k_g, v_g, chunk_valid, 0, chunk, r, scale)
+    use_ckpt = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
+    parts = []
+    for start in range(0, N, group):
+        stop = min(N, start + group)
+        n_keys = min(nc, (stop - 1) // chunk) * r  # chunks any query of the group can see
+        args = (q[:, :, start:stop], k_g[:, :, :n_keys], v_g[:, :, :n_keys], chunk_valid, start, chunk, r, scale)
+        if use_ckpt:
+            parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False))
+        else:
+            parts.append(_causal_global_group(*args))
+    return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(3))
+
+
+def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global,
+                       project_after_ln, key_padding_mask, scale, eps):
+    """Blocked long-short attention on validated inputs; shapes as ``ls_attention``."""
+    B, H, N, D = q.shape
+    acc = _acc_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+
+    if ln_local is not None:
+        k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
+    else:
+        k_loc, v_loc = k.to(acc), v.to(acc)
+    parts = []
+    if proj is not None:
+        k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
+        r = proj.shape[-1]
+        if not causal:
+            k_g, v_g, seq_valid = _projected_bidirectional(proj, k_src, v_src, pad, ln_global, eps)
+            parts.append(_partial(q, k_g.to(q.dtype), v_g.to(q.dtype), seq_valid[:, None, None, None], scale))
+        elif N // chunk > 0:
+            k_g, v_g, chunk_valid = _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps)
+            parts.append(_global_causal(q, k_g.to(q.dtype), v_g.to(q.dtype), chunk_valid, chunk, r, scale))
+    if window > 0:
+        local = _local_causal if causal else _local_bidirectional
+        parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), pad, window, scale))
+    if not parts:  # causal projection-only with no full chunk: nothing is visible
+        return q.mul(0.0)
+    out = _merge(parts).masked_fill(pad[:, None, :, None], 0.0)
+    return out.to(q.dtype)

@@ -1,0 +1,111 @@
+"""Dense pure-PyTorch statement of long-short attention.
+
+This is the oracle every other path is tested against: it builds the full
+(N, N) score matrix and an explicit mask over every key, so clarity beats speed.
+It is differentiable by autograd and runs in any float dtype.
+
+``upcast=True`` (default) computes everything in fp32 (fp64 for fp64 inputs).
+``upcast=False`` mimics a mixed-precision kernel: LayerNorm and softmax in fp32,
+matrix products in the input dtype (scores, and probabilities cast to the input
+dtype before they multiply the values). It is the "same-dtype PyTorch path" of
+the tolerance rule.
+"""
+import math
+
+import torch
+
+
+def _layer_norm(x, ln, eps):
+    """LayerNorm over the last dim; ln = (weight, bias), each (D,) or (H, D)."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if ln is None:
+        return y
+    weight, bias = ln
+    if weight.dim() == 2:  # per head: x is (B, H, ..., D)
+        shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (weight.shape[1],)
+        weight, bias = weight.view(shape), bias.view(shape)
+    return y * weight.to(x.dtype) + bias.to(x.dtype)
+
+
+def _masked_softmax(x, visible, dim):
+    """Softmax over the visible entries; slices with nothing visible give zeros."""
+    any_visible = visible.any(dim, keepdim=True)
+    x = x.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+    return torch.softmax(x, dim) * any_visible
+
+
+def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
+                     ln_local=None, ln_global=None, project_after_ln=False,
+                     key_padding_mask=None, scale=None, eps=1e-5, upcast=True):
+    """Long-short attention, dense. Shapes as ``ls_kernels.ls_attention``.
+
+    q, k, v: (B, H, N, D); proj: (B, H, N, r) or None; key_padding_mask: (B, N)
+    bool, True = padding. Returns (B, H, N, D) in q's dtype.
+    """
+    B, H, N, D = q.shape
+    out_dtype = q.dtype
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm = acc if upcast else q.dtype  # dtype of the matrix products
+    w = window or 0
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pad = (torch.zeros(B, N, dtype=torch.bool, device=q.device)
+           if key_padding_mask is None else key_padding_mask)
+
+    # keys and values of the window (LN_L), and what the projection reads
+    k_loc = k.to(acc) if ln_local is None else _layer_norm(k.to(acc), ln_local, eps)
+    v_loc = v.to(acc) if ln_local is None else _layer_norm(v.to(acc), ln_local, eps)
+    k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
+
+    t = torch.arange(N, device=q.device)[:, None]  # query positions
+    j = torch.arange(N, device=q.device)[None, :]  # key positions
+    if w == 0:
+        local = torch.zeros(N, N, dtype=torch.bool, device=q.device)
+    elif causal:
+        local = (j <= t) & (j > t - w)
+    else:
+        e = max(w // 2, 1)
+        seg_start = (t // w) * w
+        local = (j >= seg_start - e) & (j < seg_start + w + e)
+    local = local[None, None] & ~pad[:, None, None, :]  # (B, 1, N, N)
+
+    keys, values, visible = [], [], []
+    if proj is not None:
+        r = proj.shape[-1]
+        logits = proj.to(acc)
+        if not causal:
+            valid = ~pad[:, None, :, None]  # (B, 1, N, 1)
+            P = _masked_softmax(logits, valid, dim=2)  # (B, H, N, r), over positions
+            k_g = _layer_norm(P.transpose(-1, -2) @ k_src, ln_global, eps)  # (B, H, r, D)
+            v_g = _layer_norm(P.transpose(-1, -2) @ v_src, ln_global, eps)
+            seen = (~pad).any(1)[:, None, None, None].expand(B, 1, N, r)
+        else:
+            nc = N // chunk  # only full chunks are ever visible
+            n_full = nc * chunk
+            logits = logits[:, :, :n_full].reshape(B, H, nc, chunk, r)
+            valid = ~pad[:, :n_full].reshape(B, 1, nc, chunk, 1)
+            P = _masked_softmax(logits, valid, dim=3)  # (B, H, nc, l, r)
+            k_c = k_src[:, :, :n_full].reshape(B, H, nc, chunk, D)
+            v_c = v_src[:, :, :n_full].reshape(B, H, nc, chunk, D)
+            k_g = _layer_norm(P.transpose(-1, -2) @ k_c, ln_global, eps).reshape(B, H, nc * r, D)
+            v_g = _layer_norm(P.transpose(-1, -2) @ v_c, ln_global, eps).reshape(B, H, nc * r, D)
+            key_chunk = torch.arange(nc * r, device=q.device) // r  # (nc * r,)
+            chunk_valid = valid.reshape(B, nc, chunk).any(-1)  # (B, nc)
+            seen = (key_chunk[None, :] < t // chunk)[None, None] \
+                & chunk_valid[:, key_chunk][:, None, None, :]  # (B, 1, N, nc * r)
+        keys.append(k_g)
+        values.append(v_g)
+        visible.append(seen)
+    keys.append(k_loc)
+    values.append(v_loc)
+    visible.append(local)
+
+    keys = torch.cat(keys, dim=2)
+    values = torch.cat(values, dim=2)
+    visible = torch.cat(visible, dim=3)
+    scores = (q.to(mm) @ keys.to(mm).transpose(-1, -2)).to(acc) * scale
+    probs = _masked_softmax(scores, visible, dim=3)
+    out = (probs.to(mm) @ values.to(mm)).to(acc)
+    out = out.masked_fill(pad[:, None, :, None], 0.0)
+    return out.to(out_dtype)
