@@ -26,10 +26,10 @@ def _acc_dtype(dtype):
 
 
 def layer_norm(x, ln, eps):
-    """LayerNorm over the last dim of x (B, H, ..., D); ln = (weight, bias) of (D,) or (H, D)."""
-    D = x.shape[-1]
+    """LayerNorm over the last dim of x (B, H, ..., D); ln = (weight, bias) of (D,) or (H, D); None = identity."""
     if ln is None:
-        return F.layer_norm(x, (D,), eps=eps)
+        return x
+    D = x.shape[-1]
     weight, bias = ln
     if weight.dim() == 1:
         return F.layer_norm(x, (D,), weight.to(x.dtype), bias.to(x.dtype), eps=eps)
@@ -173,10 +173,7 @@ def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_glo
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
 
-    if ln_local is not None:
-        k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
-    else:
-        k_loc, v_loc = k.to(acc), v.to(acc)
+    k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
     parts = []
     if proj is not None:
         k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))

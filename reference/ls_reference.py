@@ -16,12 +16,12 @@ import torch
 
 
 def _layer_norm(x, ln, eps):
-    """LayerNorm over the last dim; ln = (weight, bias), each (D,) or (H, D)."""
+    """LayerNorm over the last dim; ln = (weight, bias), each (D,) or (H, D); None = identity."""
+    if ln is None:  # that side is not normalised
+        return x
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     y = (x - mean) / torch.sqrt(var + eps)
-    if ln is None:
-        return y
     weight, bias = ln
     if weight.dim() == 2:  # per head: x is (B, H, ..., D)
         shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (weight.shape[1],)
@@ -54,8 +54,8 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
            if key_padding_mask is None else key_padding_mask)
 
     # keys and values of the window (LN_L), and what the projection reads
-    k_loc = k.to(acc) if ln_local is None else _layer_norm(k.to(acc), ln_local, eps)
-    v_loc = v.to(acc) if ln_local is None else _layer_norm(v.to(acc), ln_local, eps)
+    k_loc = _layer_norm(k.to(acc), ln_local, eps)
+    v_loc = _layer_norm(v.to(acc), ln_local, eps)
     k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
 
     t = torch.arange(N, device=q.device)[:, None]  # query positions
