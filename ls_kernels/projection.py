@@ -163,6 +163,14 @@ def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+def proj_config(D, r, seg_len):
+    """(BLOCK_N, BLOCK_R) of the pre-pass: IEEE fp32 dots, so small tiles (larger ones spill)."""
+    cap = 32 if D <= 64 else 16
+    BLOCK_R = max(16, min(cap, _next_pow2(r)))
+    BLOCK_N = max(16, min(cap, _next_pow2(seg_len)))
+    return BLOCK_N, BLOCK_R
+
+
 def ln_params(ln, H, D, dtype, device):
     """(weight, bias, stride_h) as contiguous (H or 1, D) tensors in dtype; dummies when ln is None."""
     if ln is None:
@@ -186,7 +194,7 @@ def projection_forward(proj, k, v, pad, ln_src, ln_global, causal, chunk, scalar
     acc = scalars.dtype
     device = k.device
     BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_R = max(16, min(32 if D > 64 else 64, _next_pow2(r)))
+    BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
     n_rblk = triton.cdiv(r, BLOCK_R)
     if causal:
         n_groups = N // chunk
@@ -200,7 +208,6 @@ def projection_forward(proj, k, v, pad, ln_src, ln_global, causal, chunk, scalar
         n_seg = triton.cdiv(N, seg_len)
         segs_per_group = n_seg
     NG = n_groups * r
-    BLOCK_N = max(16, min(64 if D <= 64 else 32, _next_pow2(seg_len)))
     part_m = torch.empty(B, H, n_seg, r, dtype=acc, device=device)
     part_z = torch.empty_like(part_m)
     part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)

@@ -1,0 +1,135 @@
+"""Ahead-of-time compile every Triton kernel of ls_kernels for real GPU targets, no GPU needed.
+
+Prints kernel / target / dtype / D / registers / spills / shared memory for the
+default launch config of each kernel, compiled for sm_80 (A100) and sm_90a
+(H100). Registers and spills come from ``cuobjdump -res-usage`` on the cubin
+(spills = the local memory (LOCAL) and stack (STACK) bytes per thread), shared
+memory from the compiled kernel's metadata.
+
+    python bench/aot_report.py            # markdown table
+    python bench/aot_report.py --json     # one JSON object per row
+
+Runs without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("aot_report.py compiles kernels: run it without TRITON_INTERPRET=1")
+
+from ls_kernels import long_short as lsa  # noqa: E402
+from ls_kernels import projection as prj  # noqa: E402
+
+TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _acc(dtype):
+    return "fp64" if dtype == torch.float64 else "fp32"
+
+
+def kernel_specs(dtype, D):
+    """(label, jit fn, {arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
+    t, acc = TL_TYPES[dtype], _acc(dtype)
+    BLOCK_D = max(16, prj._next_pow2(D))
+    specs = []
+    BLOCK_M, BLOCK_N, warps, stages = lsa._fwd_config(D, dtype)
+    for causal in (False, True):
+        types = {"Q": t, "K": t, "V": t, "O": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8",
+                 "LNW": acc, "LNB": acc, "SCALARS": acc, "LSE": acc}
+        const = dict(HEAD_DIM=D, CAUSAL=causal, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True,
+                     IS_FP64=dtype == torch.float64, PRECISION="ieee", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                     BLOCK_G=BLOCK_N, BLOCK_D=BLOCK_D)
+        specs.append((f"_ls_fwd_kernel[{'causal' if causal else 'bidir'}]", lsa._ls_fwd_kernel, types, const,
+                      warps, stages))
+    BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
+    types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
+             "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
+    const = dict(HEAD_DIM=D, HAS_PAD=True, HAS_LN=True, IS_FP64=dtype == torch.float64,
+                 BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    specs.append(("_proj_partial_kernel", prj._proj_partial_kernel, types, const, 4, 1))
+    types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
+             "SCALARS": acc, "KG": acc, "VG": acc, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
+    const = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    specs.append(("_proj_combine_kernel", prj._proj_combine_kernel, types, const, 4, 1))
+    return specs
+
+
+def compile_kernel(fn, types, const, num_warps, num_stages, arch):
+    """Compile for GPUTarget("cuda", arch, 32); pointers and strides get the 16-divisibility hint."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = "*" + types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride_") and const.get("HEAD_DIM", 1) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(compiled):
+    """(registers, spill bytes) from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", text).group(1))
+    spills = int(re.search(r"STACK:(\d+)", text).group(1)) + int(re.search(r"LOCAL:(\d+)", text).group(1))
+    return regs, spills
+
+
+def report(dtypes, dims, archs):
+    rows = []
+    for dtype in dtypes:
+        for D in dims:
+            for label, fn, types, const, warps, stages in kernel_specs(dtype, D):
+                for arch in archs:
+                    compiled = compile_kernel(fn, types, const, warps, stages, arch)
+                    regs, spills = resource_usage(compiled)
+                    rows.append(dict(kernel=label, target=f"sm_{arch}{'a' if arch == 90 else ''}",
+                                     dtype=TL_TYPES[dtype], D=D, registers=regs, spills=spills,
+                                     shared=compiled.metadata.shared, warps=warps, stages=stages))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row")
+    parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma-separated: fp16,bf16,fp32,fp64")
+    parser.add_argument("--dims", default="64,128", help="comma-separated head dims")
+    parser.add_argument("--archs", default="80,90", help="comma-separated compute capabilities")
+    args = parser.parse_args()
+    names = {v: k for k, v in TL_TYPES.items()}
+    rows = report([names[x] for x in args.dtypes.split(",")], [int(x) for x in args.dims.split(",")],
+                  [int(x) for x in args.archs.split(",")])
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    cols = ["kernel", "target", "dtype", "D", "registers", "spills", "shared", "warps", "stages"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
