@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocked import ls_attention_torch
+from .blocked import layer_norm, ls_attention_torch
 from .checks import check_inputs
-from .projection import _dot, _layer_norm_rows, _next_pow2, ln_params, projection_forward
+from .projection import _dot, _layer_norm_rows, _next_pow2, ln_params, projection_backward, projection_forward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
@@ -51,6 +51,26 @@ def _softmax_step(s, visible, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PREC
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.to(values.dtype), values, IS_FP64, PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_N]: key offs_n lies in the window of query offs_m (and in the sequence)."""
+    if CAUSAL:  # keys t - WINDOW + 1 .. t
+        vis = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+    else:  # the query's segment widened by HALF on both sides
+        seg_start = (offs_m // WINDOW) * WINDOW
+        vis = (offs_n[None, :] >= seg_start[:, None] - HALF) & (offs_n[None, :] < seg_start[:, None] + WINDOW + HALF)
+    return vis & (offs_n < N)[None, :]
+
+
+@triton.jit
+def _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL: tl.constexpr):
+    """[BLOCK_M, BLOCK_G]: projected vector offs_g is visible to query offs_m."""
+    vis = (gvis != 0)[None, :]
+    if CAUSAL:  # only chunks strictly before the query's own
+        vis = vis & ((offs_g // RANK)[None, :] < (offs_m // CHUNK)[:, None])
+    return vis
 
 
 @triton.jit
@@ -99,9 +119,7 @@ def _ls_fwd_kernel(
             vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
             s = _dot(q, tl.trans(kg.to(q.dtype)), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
             gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)  # chunk or sequence has real tokens
-            visible = (gvis != 0)[None, :]
-            if CAUSAL:
-                visible = visible & ((offs_g // RANK)[None, :] < (offs_m // CHUNK)[:, None])
+            visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
             m_i, l_i, acc = _softmax_step(s, visible, vg.to(q.dtype), m_i, l_i, acc, IS_FP64, PRECISION)
 
     if HAS_LOCAL:
@@ -115,8 +133,6 @@ def _ls_fwd_kernel(
         if HAS_LN:
             ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero  # [BLOCK_D]
             ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        if not CAUSAL:
-            seg_start = (offs_m // WINDOW) * WINDOW  # [BLOCK_M]
         k_base = K + off_b * stride_kb + off_h * stride_kh
         v_base = V + off_b * stride_vb + off_h * stride_vh
         for start_n in range(lo, hi, BLOCK_N):
@@ -130,12 +146,7 @@ def _ls_fwd_kernel(
                 k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
                 v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
             s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            if CAUSAL:
-                visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            else:
-                visible = (offs_n[None, :] >= seg_start[:, None] - HALF) \
-                    & (offs_n[None, :] < seg_start[:, None] + WINDOW + HALF)
-            visible = visible & mask_n[None, :]
+            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
             if HAS_PAD:
                 key_pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
                 visible = visible & (key_pad == 0)[None, :]
@@ -151,6 +162,262 @@ def _ls_fwd_kernel(
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + (off_b * H + off_h) * N + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _ls_bwd_dq_kernel(
+    Q, K, V, KG, VG, GVIS, PAD, LNW, LNB, SCALARS, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_padb, stride_lnh,
+    H, N, NG, WINDOW, HALF, CHUNK, RANK,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of a block of queries: probabilities recomputed from the logsumexp, same key sets as the forward."""
+    pid_m, off_h, off_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    off_b = off_b.to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N
+    mask_d = offs_d < HEAD_DIM
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    qk_scale = tl.load(SCALARS)
+    eps = tl.load(SCALARS + 1)
+    zero = tl.load(SCALARS + 2)
+    rows_m = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_m * stride_don + offs_d[None, :],
+                 mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
+    delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero
+    last_m = tl.minimum(start_m + BLOCK_M, N) - 1
+
+    if HAS_GLOBAL:
+        if CAUSAL:
+            g_hi = tl.minimum((last_m // CHUNK) * RANK, NG)
+        else:
+            g_hi = NG
+        g_base = (off_b * H + off_h) * NG
+        for start_g in range(0, g_hi, BLOCK_G):
+            offs_g = start_g + tl.arange(0, BLOCK_G)
+            mask_g = offs_g < g_hi
+            rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
+            kg = tl.load(KG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+            vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+            gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)
+            visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
+            s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
+            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
+            dp = _dot(do, tl.trans(vg), IS_FP64, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(q.dtype), kg, IS_FP64, PRECISION)
+
+    if HAS_LOCAL:
+        if CAUSAL:
+            lo = tl.maximum(start_m - WINDOW + 1, 0)
+            hi = last_m + 1
+        else:
+            lo = tl.maximum((start_m // WINDOW) * WINDOW - HALF, 0)
+            hi = tl.minimum((last_m // WINDOW) * WINDOW + WINDOW + HALF, N)
+        lo = (lo // BLOCK_N) * BLOCK_N
+        if HAS_LN:
+            ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+            ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            rows = offs_n.to(tl.int64)[:, None]
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0)
+            v = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0)
+            if HAS_LN:
+                k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
+                v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
+            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
+            if HAS_PAD:
+                key_pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
+                visible = visible & (key_pad == 0)[None, :]
+            s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
+            dp = _dot(do, tl.trans(v), IS_FP64, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(q.dtype), k, IS_FP64, PRECISION)
+
+    dq = dq * tl.load(SCALARS + 3)  # the score scale
+    tl.store(DQ + (off_b * H + off_h) * N * HEAD_DIM + rows_m * HEAD_DIM + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+@triton.jit
+def _ls_bwd_dkv_kernel(
+    Q, K, V, PAD, LNW, LNB, SCALARS, DO, LSE, DELTA, DK_SRC, DV_SRC, DK, DV, DLNW_PART, DLNB_PART,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_padb, stride_lnh,
+    H, N, WINDOW, HALF,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, SRC_MODE: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of a block of window keys: visits exactly the query blocks whose windows hold a key of
+    the block (no atomics), runs the LN_L backward in registers and writes per-block LN_L weight and
+    bias sums. The projection's gradients of what it read are added before the LN_L backward when it
+    read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2)."""
+    pid_n, off_h, off_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    off_b = off_b.to(tl.int64)
+    off_h = off_h.to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < HEAD_DIM
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    qk_scale = tl.load(SCALARS)
+    eps = tl.load(SCALARS + 1)
+    zero = tl.load(SCALARS + 2)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn + offs_d[None, :],
+                mask=mask_nd, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn + offs_d[None, :],
+                mask=mask_nd, other=0.0)
+    dtype = k.dtype
+    if HAS_LN:
+        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        kc = tl.where(mask_d[None, :], k + zero - tl.sum(k + zero, axis=1)[:, None] / HEAD_DIM, 0.0)
+        vc = tl.where(mask_d[None, :], v + zero - tl.sum(v + zero, axis=1)[:, None] / HEAD_DIM, 0.0)
+        k_rstd = 1.0 / tl.sqrt(tl.sum(kc * kc, axis=1) / HEAD_DIM + eps)  # [BLOCK_N]
+        v_rstd = 1.0 / tl.sqrt(tl.sum(vc * vc, axis=1) / HEAD_DIM + eps)
+        k_hat = kc * k_rstd[:, None]  # [BLOCK_N, BLOCK_D]
+        v_hat = vc * v_rstd[:, None]
+        k = (k_hat * ln_w[None, :] + ln_b[None, :]).to(dtype)
+        v = (v_hat * ln_w[None, :] + ln_b[None, :]).to(dtype)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
+
+    if HAS_LOCAL:
+        last_n = tl.minimum(start_n + BLOCK_N, N) - 1
+        if CAUSAL:  # queries t with t - WINDOW < key <= t
+            lo = start_n
+            hi = tl.minimum(last_n + WINDOW, N)
+        else:  # segments g with g * WINDOW - HALF <= key < g * WINDOW + WINDOW + HALF
+            g_lo = (tl.maximum(start_n - WINDOW - HALF + 1, 0) + WINDOW - 1) // WINDOW
+            g_hi = (last_n + HALF) // WINDOW
+            lo = g_lo * WINDOW
+            hi = tl.minimum((g_hi + 1) * WINDOW, N)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        key_ok = mask_n
+        if HAS_PAD:
+            key_ok = key_ok & (tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1) == 0)
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < N
+            rows_m = offs_m.to(tl.int64)[:, None]
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+            do = tl.load(do_base + rows_m * stride_don + offs_d[None, :], mask=mask_md, other=0.0)
+            lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))
+            delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
+            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL) & key_ok[None, :]
+            s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
+            dv += _dot(tl.trans(p.to(dtype)), do, IS_FP64, PRECISION)
+            dp = _dot(do, tl.trans(v), IS_FP64, PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += _dot(tl.trans(ds.to(dtype)), q, IS_FP64, PRECISION)
+        dk = dk * tl.load(SCALARS + 3)
+
+    out = (off_b * H + off_h) * N * HEAD_DIM + rows_n * HEAD_DIM + offs_d[None, :]
+    if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
+        dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
+        dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
+    if HAS_LN:
+        # y = x_hat * w + b:  dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w
+        part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
+        tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
+        tl.store(DLNB_PART + part, tl.sum(dk + dv, axis=0), mask=mask_d)
+        gk = dk * ln_w[None, :]
+        gv = dv * ln_w[None, :]
+        dk = k_rstd[:, None] * (gk - tl.sum(gk, axis=1)[:, None] / HEAD_DIM
+                                - k_hat * tl.sum(gk * k_hat, axis=1)[:, None] / HEAD_DIM)
+        dv = v_rstd[:, None] * (gv - tl.sum(gv, axis=1)[:, None] / HEAD_DIM
+                                - v_hat * tl.sum(gv * v_hat, axis=1)[:, None] / HEAD_DIM)
+    if SRC_MODE == 2:  # gradients of raw k, v through the projection
+        dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
+        dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _ls_bwd_dkv_global_kernel(
+    Q, KG, VG, GVIS, SCALARS, DO, LSE, DELTA, DKG_PART, DVG_PART,
+    stride_qb, stride_qh, stride_qn,
+    stride_dob, stride_doh, stride_don,
+    H, N, NG, CHUNK, RANK, SPLIT_LEN,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial dKg, dVg of a block of projected vectors over one split of the queries that see them.
+    The splits are summed afterwards in a fixed order (deterministic, no atomics)."""
+    pid_g, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < NG
+    mask_d = offs_d < HEAD_DIM
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    qk_scale = tl.load(SCALARS)
+    zero = tl.load(SCALARS + 2)
+    rows = (pid_bh.to(tl.int64) * NG + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
+    q_dtype = Q.dtype.element_ty
+    kg = tl.load(KG + rows, mask=mask_gd, other=0.0).to(q_dtype)  # [BLOCK_G, BLOCK_D]
+    vg = tl.load(VG + rows, mask=mask_gd, other=0.0).to(q_dtype)
+    gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)
+    dkg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
+    dvg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
+    lo = pid_s * SPLIT_LEN
+    if CAUSAL:  # the first query that sees the block's first chunk
+        lo = tl.maximum(lo, ((pid_g * BLOCK_G) // RANK + 1) * CHUNK)
+    hi = tl.minimum(pid_s * SPLIT_LEN + SPLIT_LEN, N)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = (offs_m < hi) & (offs_m >= pid_s * SPLIT_LEN)
+        rows_m = offs_m.to(tl.int64)[:, None]
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(do_base + rows_m * stride_don + offs_d[None, :], mask=mask_md, other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
+        visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL) & mask_m[:, None]
+        s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
+        p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
+        dvg += _dot(tl.trans(p.to(q_dtype)), do, IS_FP64, PRECISION)
+        dp = _dot(do, tl.trans(vg), IS_FP64, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dkg += _dot(tl.trans(ds.to(q_dtype)), q, IS_FP64, PRECISION)
+    dkg = dkg * tl.load(SCALARS + 3)
+    part = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \
+        + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DKG_PART + part, dkg, mask=mask_gd)
+    tl.store(DVG_PART + part, dvg, mask=mask_gd)
 
 
 # ----------------------------------------------------------------------------- launch wrappers
@@ -174,7 +441,7 @@ def _fwd_config(D, dtype):
 def _scalars(scale, eps, dtype, device):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     qk_scale = scale if acc == torch.float64 else scale * LOG2E
-    return torch.tensor([qk_scale, eps, 0.0], dtype=acc, device=device)
+    return torch.tensor([qk_scale, eps, 0.0, scale], dtype=acc, device=device)
 
 
 def _projected_visibility(pad, B, N, r, causal, chunk, device):
@@ -228,6 +495,103 @@ def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, proje
     return o, lse, (kg, vg, k_raw, v_raw, col_lse)
 
 
+def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, ln_local, ln_global,
+                 project_after_ln, pad, scale, eps):
+    """Gradients of q, k, v, proj and the LN weights and biases; deterministic (no atomics)."""
+    B, H, N, D = q.shape
+    q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
+    device = q.device
+    scalars = _scalars(scale, eps, q.dtype, device)
+    acc = scalars.dtype
+    pad8 = pad.contiguous().view(torch.int8) if pad is not None else None
+    delta = (do.to(acc) * o.to(acc)).sum(-1).contiguous()  # (B, H, N): rowsum(dO * O)
+    kg, vg, k_raw, v_raw, col_lse = saved_proj
+    NG = kg.shape[2]
+    r = proj.shape[-1] if proj is not None else 1
+    gvis = _projected_visibility(pad, B, N, r, causal, chunk, device) if NG > 0 else \
+        torch.empty(B, 0, dtype=torch.int8, device=device)
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(D, q.dtype)
+    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
+    is_fp64 = q.dtype == torch.float64
+    pad_arg = pad8 if pad8 is not None else gvis
+    stride_padb = pad8.stride(0) if pad8 is not None else 0
+    half = max(window // 2, 1)
+    common = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=is_fp64, PRECISION="ieee", num_warps=num_warps,
+                  num_stages=num_stages)
+
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
+    _ls_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), H, B)](
+        q, k, v, kg, vg, gvis, pad_arg, lnw, lnb, scalars, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        stride_padb, stride_lnh,
+        H, N, NG, window, half, chunk, r,
+        HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, **common,
+    )
+
+    dproj = dlng_w = dlng_b = None
+    dk_src = dv_src = None
+    if proj is not None and NG == 0:  # causal, no full chunk: proj is never used
+        dproj = torch.zeros_like(proj)
+    elif proj is not None:
+        n_gblk = triton.cdiv(NG, BLOCK_G)
+        n_split = 1 if causal else max(1, min(triton.cdiv(N, BLOCK_M), 512 // (B * H * n_gblk)))
+        split_len = triton.cdiv(triton.cdiv(N, n_split), BLOCK_M) * BLOCK_M
+        n_split = triton.cdiv(N, split_len)
+        dkg_part = torch.empty(n_split, B, H, NG, D, dtype=acc, device=device)
+        dvg_part = torch.empty_like(dkg_part)
+        _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
+            q, kg, vg, gvis, scalars, do, lse, delta, dkg_part, dvg_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            H, N, NG, chunk, r, split_len,
+            BLOCK_M=BLOCK_M, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, **common,
+        )
+        dkg, dvg = dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
+        if ln_global is not None:  # LN_G backward on the small (B, H, NG, D) tensors
+            with torch.enable_grad():
+                leaves = [k_raw.detach(), v_raw.detach(), ln_global[0].detach().to(acc), ln_global[1].detach().to(acc)]
+                leaves = [x.requires_grad_() for x in leaves]
+                ln = (leaves[2], leaves[3])
+                outs = (layer_norm(leaves[0], ln, eps), layer_norm(leaves[1], ln, eps))
+                dk_raw, dv_raw, dlng_w, dlng_b = torch.autograd.grad(outs, leaves, (dkg, dvg))
+        else:
+            dk_raw, dv_raw = dkg, dvg
+        dproj, dk_src, dv_src = projection_backward(
+            proj, k, v, pad8, ln_local if project_after_ln else None, causal, chunk, scalars,
+            col_lse, k_raw, v_raw, dk_raw, dv_raw)
+
+    BLOCK_KM, BLOCK_KN = BLOCK_N, BLOCK_M  # key blocks own BLOCK_KN keys and visit BLOCK_KM queries
+    n_kblk = triton.cdiv(N, BLOCK_KN)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=device)
+    dlnb_part = torch.empty_like(dlnw_part)
+    src_mode = 0 if dk_src is None else (1 if project_after_ln else 2)
+    _ls_bwd_dkv_kernel[(n_kblk, H, B)](
+        q, k, v, pad_arg, lnw, lnb, scalars, do, lse, delta,
+        dk_src if dk_src is not None else delta, dv_src if dv_src is not None else delta,
+        dk, dv, dlnw_part, dlnb_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        stride_padb, stride_lnh,
+        H, N, window, half,
+        HAS_LOCAL=window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        BLOCK_M=BLOCK_KM, BLOCK_N=BLOCK_KN, BLOCK_D=BLOCK_D, **common,
+    )
+    dlnl_w = dlnl_b = None
+    if ln_local is not None:
+        dims = (0, 2) if ln_local[0].dim() == 2 else (0, 1, 2)
+        dlnl_w, dlnl_b = dlnw_part.sum(dims), dlnb_part.sum(dims)
+    return dq, dk, dv, dproj, dlnl_w, dlnl_b, dlng_w, dlng_b
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class LSAttentionFunction(torch.autograd.Function):
@@ -239,37 +603,28 @@ class LSAttentionFunction(torch.autograd.Function):
         ln_local = None if lnl_w is None else (lnl_w, lnl_b)
         ln_global = None if lng_w is None else (lng_w, lng_b)
         # the interpreter computes bf16 arithmetic on raw bit patterns: run it in fp32 there
-        upcast = INTERPRET and q.dtype == torch.bfloat16
-        if upcast:
+        ctx.upcast = INTERPRET and q.dtype == torch.bfloat16
+        if ctx.upcast:
             q, k, v = q.float(), k.float(), v.float()
             proj = proj.float() if proj is not None else None
-        o, lse, _ = _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
-                                project_after_ln, pad, scale, eps)
-        ctx.save_for_backward(q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, pad)
+        o, lse, saved_proj = _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
+                                         project_after_ln, pad, scale, eps)
+        ctx.save_for_backward(q, k, v, proj, o, lse, *saved_proj, lnl_w, lnl_b, lng_w, lng_b, pad)
         ctx.cfg = (window, causal, chunk, project_after_ln, scale, eps)
-        return o.to(torch.bfloat16) if upcast else o
+        return o.to(torch.bfloat16) if ctx.upcast else o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, pad = ctx.saved_tensors
+        q, k, v, proj, o, lse, kg, vg, k_raw, v_raw, col_lse, lnl_w, lnl_b, lng_w, lng_b, pad = ctx.saved_tensors
         window, causal, chunk, project_after_ln, scale, eps = ctx.cfg
-        inputs = [q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b]
-        needs = [x is not None and n for x, n in zip(inputs, ctx.needs_input_grad[:8])]
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(n) if x is not None else None for x, n in zip(inputs, needs)]
-            q_, k_, v_, p_, a, b, c, d = leaves
-            out = ls_attention_torch(
-                q_, k_, v_, p_, window=window, causal=causal, chunk=chunk,
-                ln_local=None if a is None else (a, b), ln_global=None if c is None else (c, d),
-                project_after_ln=project_after_ln, key_padding_mask=pad, scale=scale, eps=eps)
-            wanted = [x for x, n in zip(leaves, needs) if n]
-            grads = iter(torch.autograd.grad(out, wanted, do.to(out.dtype), allow_unused=True) if wanted else [])
-        result = []
-        for x, n, orig in zip(leaves, needs, ctx.needs_input_grad[:8]):
-            g = next(grads) if n else None
-            result.append(g.to(do.dtype) if g is not None and x.dtype != do.dtype and x is not None
-                          and x.dtype in (torch.float32,) and do.dtype == torch.bfloat16 else g)
-        return (*result, None, None, None, None, None, None, None)
+        ln_local = None if lnl_w is None else (lnl_w, lnl_b)
+        ln_global = None if lng_w is None else (lng_w, lng_b)
+        grads = _ls_backward(do.to(q.dtype), q, k, v, proj, o, lse, (kg, vg, k_raw, v_raw, col_lse), window,
+                             causal, chunk, ln_local, ln_global, project_after_ln, pad, scale, eps)
+        like = (q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b)
+        grads = [None if g is None or not need else g.to(x.dtype if not ctx.upcast or i >= 4 else torch.bfloat16)
+                 for i, (g, x, need) in enumerate(zip(grads, like, ctx.needs_input_grad))]
+        return (*grads, None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- public function

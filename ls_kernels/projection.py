@@ -159,6 +159,79 @@ def _proj_combine_kernel(
     tl.store(VG + out, v_raw, mask=mask_rd)
 
 
+@triton.jit
+def _proj_bwd_kernel(
+    P, K, V, PAD, LNW, LNB, SCALARS, COL_LSE, DK_RAW, DV_RAW, COL_DOT,
+    DP, DK_SRC, DV_SRC,
+    stride_pb, stride_ph, stride_pn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_padb, stride_lnh,
+    N, H, RANK, SEG_LEN, NG, GROUP_IS_SEGMENT,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Backward of the projection for one segment of positions.
+
+    With c_i = Kraw_i . dKraw_i + Vraw_i . dVraw_i (the column sums of P * dP):
+    dproj[n, i] = P[n, i] * (k_P[n] . dKraw_i + v_P[n] . dVraw_i - c_i),
+    dk_P[n] = sum_i P[n, i] dKraw_i, dv_P likewise (gradients of what the projection read).
+    """
+    pid_s, pid_bh = tl.program_id(0), tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    eps = tl.load(SCALARS + 1)
+    zero = tl.load(SCALARS + 2)
+    if HAS_LN:
+        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+    group = pid_s * GROUP_IS_SEGMENT  # causal: one chunk per segment; bidirectional: one group
+    g_base = pid_bh.to(tl.int64) * NG + group * RANK  # first row of the group in (B, H, NG)
+    p_base = P + off_b * stride_pb + off_h * stride_ph
+    seg_lo = pid_s * SEG_LEN
+    seg_hi = tl.minimum(seg_lo + SEG_LEN, N)
+    for start_n in range(seg_lo, seg_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seg_hi
+        rows = offs_n.to(tl.int64)[:, None]
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows * stride_kn + offs_d[None, :],
+                    mask=mask_nd, other=0.0) + zero  # [BLOCK_N, BLOCK_D]
+        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows * stride_vn + offs_d[None, :],
+                    mask=mask_nd, other=0.0) + zero
+        if HAS_LN:
+            k = _layer_norm_rows(k, ln_w, ln_b, mask_d, eps, HEAD_DIM)
+            v = _layer_norm_rows(v, ln_w, ln_b, mask_d, eps, HEAD_DIM)
+        valid = mask_n
+        if HAS_PAD:
+            valid = valid & (tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1) == 0)
+        dk_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
+        dv_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
+        for start_r in range(0, RANK, BLOCK_R):
+            offs_r = start_r + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < RANK
+            logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+                             other=0.0) + zero  # [BLOCK_N, BLOCK_R]
+            col_lse = tl.load(COL_LSE + g_base + offs_r, mask=mask_r, other=float("inf"))  # [BLOCK_R]
+            prob = tl.where(valid[:, None] & mask_r[None, :], tl.exp(logits - col_lse[None, :]), 0.0)
+            grid_rd = (g_base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+            mask_rd = mask_r[:, None] & mask_d[None, :]
+            dk_raw = tl.load(DK_RAW + grid_rd, mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_D]
+            dv_raw = tl.load(DV_RAW + grid_rd, mask=mask_rd, other=0.0)
+            col_dot = tl.load(COL_DOT + g_base + offs_r, mask=mask_r, other=0.0)  # [BLOCK_R]
+            dprob = _dot(k, tl.trans(dk_raw), IS_FP64, "ieee") + _dot(v, tl.trans(dv_raw), IS_FP64, "ieee")
+            dlogits = prob * (dprob - col_dot[None, :])  # [BLOCK_N, BLOCK_R]
+            tl.store(DP + (pid_bh.to(tl.int64) * N + rows) * RANK + offs_r[None, :], dlogits.to(DP.dtype.element_ty),
+                     mask=mask_n[:, None] & mask_r[None, :])
+            dk_src += _dot(prob, dk_raw, IS_FP64, "ieee")
+            dv_src += _dot(prob, dv_raw, IS_FP64, "ieee")
+        out = (pid_bh.to(tl.int64) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DK_SRC + out, dk_src, mask=mask_nd)
+        tl.store(DV_SRC + out, dv_src, mask=mask_nd)
+
+
 def _next_pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -240,3 +313,44 @@ def projection_forward(proj, k, v, pad, ln_src, ln_global, causal, chunk, scalar
         HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
     )
     return kg, vg, k_raw, v_raw, col_lse
+
+
+def projection_backward(proj, k, v, pad, ln_src, causal, chunk, scalars, col_lse, k_raw, v_raw, dk_raw, dv_raw):
+    """Gradients of proj and of what the projection read (k_P, v_P), from dL/dKraw and dL/dVraw.
+
+    dk_raw, dv_raw, k_raw, v_raw: (B, H, NG, D); col_lse: (B, H, NG). Returns dproj (B, H, N, r)
+    in proj's dtype and dk_src, dv_src (B, H, N, D) in the accumulation dtype (zero past the
+    last full chunk when causal).
+    """
+    B, H, N, D = k.shape
+    r = proj.shape[-1]
+    acc = scalars.dtype
+    NG = k_raw.shape[2]
+    proj = proj if proj.stride(-1) == 1 else proj.contiguous()
+    dproj = torch.zeros(B, H, N, r, dtype=proj.dtype, device=proj.device)
+    dk_src = torch.zeros(B, H, N, D, dtype=acc, device=k.device)
+    dv_src = torch.zeros_like(dk_src)
+    if NG == 0:
+        return dproj, dk_src, dv_src
+    col_dot = ((k_raw * dk_raw).sum(-1) + (v_raw * dv_raw).sum(-1)).contiguous()  # (B, H, NG)
+    BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
+    if causal:
+        seg_len, n_seg = chunk, N // chunk
+    else:
+        seg_len = triton.cdiv(N, max(1, min(triton.cdiv(N, 64), 512 // max(1, B * H))))
+        seg_len = triton.cdiv(seg_len, 16) * 16
+        n_seg = triton.cdiv(N, seg_len)
+    lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, k.device)
+    _proj_bwd_kernel[(n_seg, B * H)](
+        proj, k, v, pad if pad is not None else col_dot, lnl_w, lnl_b, scalars, col_lse,
+        dk_raw.contiguous(), dv_raw.contiguous(), col_dot,
+        dproj, dk_src, dv_src,
+        proj.stride(0), proj.stride(1), proj.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        pad.stride(0) if pad is not None else 0, lnl_stride,
+        N, H, r, seg_len, NG, 1 if causal else 0,
+        HEAD_DIM=D, HAS_PAD=pad is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=max(16, _next_pow2(D)), num_warps=4,
+    )
+    return dproj, dk_src, dv_src
