@@ -39,29 +39,56 @@ def _acc(dtype):
 
 
 def kernel_specs(dtype, D):
-    """(label, jit fn, {arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
+    """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
     t, acc = TL_TYPES[dtype], _acc(dtype)
+    fp64 = dtype == torch.float64
     BLOCK_D = max(16, prj._next_pow2(D))
     specs = []
     BLOCK_M, BLOCK_N, warps, stages = lsa._fwd_config(D, dtype)
+    bwd = lsa._bwd_config(D, dtype)
     for causal in (False, True):
-        types = {"Q": t, "K": t, "V": t, "O": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8",
+        mode = "causal" if causal else "bidir"
+        flags = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=fp64, PRECISION="ieee", BLOCK_D=BLOCK_D)
+        types = {"Q": t, "K": t, "V": t, "O": t, "O_ACC": acc, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8",
                  "LNW": acc, "LNB": acc, "SCALARS": acc, "LSE": acc}
-        const = dict(HEAD_DIM=D, CAUSAL=causal, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True,
-                     IS_FP64=dtype == torch.float64, PRECISION="ieee", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                     BLOCK_G=BLOCK_N, BLOCK_D=BLOCK_D)
-        specs.append((f"_ls_fwd_kernel[{'causal' if causal else 'bidir'}]", lsa._ls_fwd_kernel, types, const,
-                      warps, stages))
+        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True, STORE_ACC=True,
+                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_N)
+        specs.append((f"_ls_fwd_kernel[{mode}]", lsa._ls_fwd_kernel, types, const, warps, stages))
+
+        bm, bn, w, st = bwd["dq"]
+        types = {"Q": t, "K": t, "V": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "LNW": acc, "LNB": acc,
+                 "SCALARS": acc, "DO": t, "LSE": acc, "DELTA": acc, "DQ": t}
+        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bn)
+        specs.append((f"_ls_bwd_dq_kernel[{mode}]", lsa._ls_bwd_dq_kernel, types, const, w, st))
+
+        bm, bn, w, st = bwd["dkv"]
+        types = {"Q": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "DO": t, "LSE": acc,
+                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "DLNW_PART": acc, "DLNB_PART": acc}
+        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_PAD=True, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
+        specs.append((f"_ls_bwd_dkv_kernel[{mode}]", lsa._ls_bwd_dkv_kernel, types, const, w, st))
+
+        bm, bn, w, st = bwd["dkv_global"]
+        types = {"Q": t, "KG": acc, "VG": acc, "GVIS": "i8", "SCALARS": acc, "DO": t, "LSE": acc, "DELTA": acc,
+                 "DKG_PART": acc, "DVG_PART": acc}
+        const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
+        specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", lsa._ls_bwd_dkv_global_kernel, types, const, w, st))
+
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
+    flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
              "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
-    const = dict(HEAD_DIM=D, HAS_PAD=True, HAS_LN=True, IS_FP64=dtype == torch.float64,
-                 BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
     specs.append(("_proj_partial_kernel", prj._proj_partial_kernel, types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": acc, "VG": acc, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
-    const = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-    specs.append(("_proj_combine_kernel", prj._proj_combine_kernel, types, const, 4, 1))
+    specs.append(("_proj_combine_kernel", prj._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
+    types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
+             "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
+    for seg_len in (4096, 16):  # bidirectional segments, causal chunks of 16
+        bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
+        const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
+        specs.append((f"_proj_bwd_kernel[BLOCK_N={bn}]", prj._proj_bwd_kernel, types, const, w, 1))
     return specs
 
 

@@ -54,6 +54,21 @@ def _softmax_step(s, visible, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PREC
 
 
 @triton.jit
+def _normalize_rows(x, mask_d, eps, HEAD_DIM: tl.constexpr):
+    """(x_hat, rstd) of each row of x [R, BLOCK_D] over its first HEAD_DIM columns."""
+    xc = tl.where(mask_d[None, :], x - tl.sum(x, axis=1)[:, None] / HEAD_DIM, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _layer_norm_rows_bwd(g, x_hat, rstd, HEAD_DIM: tl.constexpr):
+    """dx of y = x_hat * w + b given g = dy * w: rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
+    return rstd[:, None] * (g - tl.sum(g, axis=1)[:, None] / HEAD_DIM
+                            - x_hat * tl.sum(g * x_hat, axis=1)[:, None] / HEAD_DIM)
+
+
+@triton.jit
 def _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL: tl.constexpr):
     """[BLOCK_M, BLOCK_N]: key offs_n lies in the window of query offs_m (and in the sequence)."""
     if CAUSAL:  # keys t - WINDOW + 1 .. t
@@ -75,7 +90,7 @@ def _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL: tl.constexpr):
 
 @triton.jit
 def _ls_fwd_kernel(
-    Q, K, V, KG, VG, GVIS, PAD, LNW, LNB, SCALARS, O, LSE,
+    Q, K, V, KG, VG, GVIS, PAD, LNW, LNB, SCALARS, O, O_ACC, LSE,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -84,6 +99,7 @@ def _ls_fwd_kernel(
     H, N, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m, off_h, off_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -161,6 +177,9 @@ def _ls_fwd_kernel(
         lse = tl.where(q_pad, float("inf"), lse)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if STORE_ACC:  # unrounded output, (B, H, N, HEAD_DIM): the backward's rowsum(dO * O) uses it
+        acc_ptrs = O_ACC + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, out, mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + (off_b * H + off_h) * N + offs_m, lse, mask=mask_m)
 
 
@@ -295,14 +314,8 @@ def _ls_bwd_dkv_kernel(
     if HAS_LN:
         ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
         ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        kc = tl.where(mask_d[None, :], k + zero - tl.sum(k + zero, axis=1)[:, None] / HEAD_DIM, 0.0)
-        vc = tl.where(mask_d[None, :], v + zero - tl.sum(v + zero, axis=1)[:, None] / HEAD_DIM, 0.0)
-        k_rstd = 1.0 / tl.sqrt(tl.sum(kc * kc, axis=1) / HEAD_DIM + eps)  # [BLOCK_N]
-        v_rstd = 1.0 / tl.sqrt(tl.sum(vc * vc, axis=1) / HEAD_DIM + eps)
-        k_hat = kc * k_rstd[:, None]  # [BLOCK_N, BLOCK_D]
-        v_hat = vc * v_rstd[:, None]
-        k = (k_hat * ln_w[None, :] + ln_b[None, :]).to(dtype)
-        v = (v_hat * ln_w[None, :] + ln_b[None, :]).to(dtype)
+        k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(dtype)
+        v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
@@ -344,17 +357,18 @@ def _ls_bwd_dkv_kernel(
     if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
         dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
-    if HAS_LN:
-        # y = x_hat * w + b:  dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w
+    if HAS_LN:  # statistics recomputed here rather than held in registers through the loop
+        k_hat, k_rstd = _normalize_rows(tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn
+                                                + offs_d[None, :], mask=mask_nd, other=0.0) + zero, mask_d, eps,
+                                        HEAD_DIM)
+        v_hat, v_rstd = _normalize_rows(tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn
+                                                + offs_d[None, :], mask=mask_nd, other=0.0) + zero, mask_d, eps,
+                                        HEAD_DIM)
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
         tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
         tl.store(DLNB_PART + part, tl.sum(dk + dv, axis=0), mask=mask_d)
-        gk = dk * ln_w[None, :]
-        gv = dv * ln_w[None, :]
-        dk = k_rstd[:, None] * (gk - tl.sum(gk, axis=1)[:, None] / HEAD_DIM
-                                - k_hat * tl.sum(gk * k_hat, axis=1)[:, None] / HEAD_DIM)
-        dv = v_rstd[:, None] * (gv - tl.sum(gv, axis=1)[:, None] / HEAD_DIM
-                                - v_hat * tl.sum(gv * v_hat, axis=1)[:, None] / HEAD_DIM)
+        dk = _layer_norm_rows_bwd(dk * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
+        dv = _layer_norm_rows_bwd(dv * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
     if SRC_MODE == 2:  # gradients of raw k, v through the projection
         dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
@@ -438,6 +452,26 @@ def _fwd_config(D, dtype):
     return (64, 64, 4, 2) if D <= 64 else (64, 32, 8, 2)
 
 
+def _bwd_config(D, dtype):
+    """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels, by kernel.
+
+    BLOCK_M counts queries and BLOCK_N keys (or projected vectors) in every kernel.
+    Chosen by ahead-of-time compilation like the forward's: zero spills on sm_90a. The
+    IEEE fp32 FMA dots need one stage (software pipelining doubles their registers).
+    """
+    if INTERPRET:
+        return dict(dq=(32, 32, 4, 1), dkv=(32, 32, 4, 1), dkv_global=(32, 32, 4, 1))
+    if dtype == torch.float64:
+        return dict(dq=(16, 16, 4, 1), dkv=(16, 16, 4, 1), dkv_global=(16, 16, 4, 1))
+    if dtype == torch.float32:
+        if D <= 64:
+            return dict(dq=(32, 16, 8, 2), dkv=(16, 16, 8, 2), dkv_global=(16, 16, 8, 2))
+        return dict(dq=(16, 16, 8, 2), dkv=(32, 32, 8, 1), dkv_global=(16, 16, 8, 1))
+    if D <= 64:
+        return dict(dq=(64, 32, 4, 2), dkv=(64, 64, 8, 2), dkv_global=(32, 32, 4, 2))
+    return dict(dq=(32, 32, 4, 2), dkv=(16, 32, 8, 2), dkv_global=(32, 32, 4, 2))
+
+
 def _scalars(scale, eps, dtype, device):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     qk_scale = scale if acc == torch.float64 else scale * LOG2E
@@ -456,8 +490,13 @@ def _projected_visibility(pad, B, N, r, causal, chunk, device):
     return real.any(-1, keepdim=not causal).repeat_interleave(r, dim=1).to(torch.int8)
 
 
-def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, project_after_ln, pad, scale, eps):
-    """Launch the pre-pass and the main kernel; returns o, lse and what the backward needs."""
+def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, project_after_ln, pad, scale, eps,
+                store_acc=False):
+    """Launch the pre-pass and the main kernel; returns o, lse and what the backward needs.
+
+    store_acc: also return the output unrounded (fp32) for the backward; with fp16 and bf16 outputs,
+    rowsum(dO * O) from the rounded O is the backward's largest error.
+    """
     B, H, N, D = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     device = q.device
@@ -477,10 +516,12 @@ def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, proje
     BLOCK_D = max(16, _next_pow2(D))
     BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
     o = torch.empty_like(q)
+    store_acc = store_acc and q.dtype in (torch.float16, torch.bfloat16)
+    o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if store_acc else o
     lse = torch.empty(B, H, N, dtype=acc, device=device)
     grid = (triton.cdiv(N, BLOCK_M), H, B)
     _ls_fwd_kernel[grid](
-        q, k, v, kg, vg, gvis, pad8 if pad8 is not None else gvis, lnw, lnb, scalars, o, lse,
+        q, k, v, kg, vg, gvis, pad8 if pad8 is not None else gvis, lnw, lnb, scalars, o, o_acc, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -489,10 +530,10 @@ def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, proje
         H, N, NG, window, max(window // 2, 1), chunk, proj.shape[-1] if proj is not None else 1,
         HEAD_DIM=D, CAUSAL=causal, HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0,
         HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None, IS_FP64=q.dtype == torch.float64,
-        PRECISION="ieee", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee", STORE_ACC=store_acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+        BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
     )
-    return o, lse, (kg, vg, k_raw, v_raw, col_lse)
+    return o, (o_acc if store_acc else o), lse, (kg, vg, k_raw, v_raw, col_lse)
 
 
 def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, ln_local, ln_global,
@@ -511,16 +552,20 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
     gvis = _projected_visibility(pad, B, N, r, causal, chunk, device) if NG > 0 else \
         torch.empty(B, 0, dtype=torch.int8, device=device)
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(D, q.dtype)
+    cfg = _bwd_config(D, q.dtype)
     BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
     is_fp64 = q.dtype == torch.float64
     pad_arg = pad8 if pad8 is not None else gvis
     stride_padb = pad8.stride(0) if pad8 is not None else 0
     half = max(window // 2, 1)
-    common = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=is_fp64, PRECISION="ieee", num_warps=num_warps,
-                  num_stages=num_stages)
 
+    def common(kernel):
+        BLOCK_M, BLOCK_N, num_warps, num_stages = cfg[kernel]
+        return dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=is_fp64, PRECISION="ieee", BLOCK_M=BLOCK_M,
+                    BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+    BLOCK_M, BLOCK_N = cfg["dq"][:2]
+    BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     _ls_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), H, B)](
         q, k, v, kg, vg, gvis, pad_arg, lnw, lnb, scalars, do, lse, delta, dq,
@@ -531,7 +576,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
         stride_padb, stride_lnh,
         H, N, NG, window, half, chunk, r,
         HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, **common,
+        BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **common("dq"),
     )
 
     dproj = dlng_w = dlng_b = None
@@ -539,6 +584,8 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
     if proj is not None and NG == 0:  # causal, no full chunk: proj is never used
         dproj = torch.zeros_like(proj)
     elif proj is not None:
+        BLOCK_M, BLOCK_N = cfg["dkv_global"][:2]
+        BLOCK_G = max(16, min(BLOCK_N, _next_pow2(NG)))
         n_gblk = triton.cdiv(NG, BLOCK_G)
         n_split = 1 if causal else max(1, min(triton.cdiv(N, BLOCK_M), 512 // (B * H * n_gblk)))
         split_len = triton.cdiv(triton.cdiv(N, n_split), BLOCK_M) * BLOCK_M
@@ -550,7 +597,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
             q.stride(0), q.stride(1), q.stride(2),
             do.stride(0), do.stride(1), do.stride(2),
             H, N, NG, chunk, r, split_len,
-            BLOCK_M=BLOCK_M, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, **common,
+            BLOCK_G=BLOCK_G, **common("dkv_global"),
         )
         dkg, dvg = dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
         if ln_global is not None:  # LN_G backward on the small (B, H, NG, D) tensors
@@ -566,8 +613,8 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
             proj, k, v, pad8, ln_local if project_after_ln else None, causal, chunk, scalars,
             col_lse, k_raw, v_raw, dk_raw, dv_raw)
 
-    BLOCK_KM, BLOCK_KN = BLOCK_N, BLOCK_M  # key blocks own BLOCK_KN keys and visit BLOCK_KM queries
-    n_kblk = triton.cdiv(N, BLOCK_KN)
+    BLOCK_N = cfg["dkv"][1]  # programs own BLOCK_N keys and visit BLOCK_M queries at a time
+    n_kblk = triton.cdiv(N, BLOCK_N)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=device)
     dlnb_part = torch.empty_like(dlnw_part)
@@ -583,7 +630,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
         stride_padb, stride_lnh,
         H, N, window, half,
         HAS_LOCAL=window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
-        BLOCK_M=BLOCK_KM, BLOCK_N=BLOCK_KN, BLOCK_D=BLOCK_D, **common,
+        BLOCK_N=BLOCK_N, **common("dkv"),
     )
     dlnl_w = dlnl_b = None
     if ln_local is not None:
@@ -607,9 +654,10 @@ class LSAttentionFunction(torch.autograd.Function):
         if ctx.upcast:
             q, k, v = q.float(), k.float(), v.float()
             proj = proj.float() if proj is not None else None
-        o, lse, saved_proj = _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
-                                         project_after_ln, pad, scale, eps)
-        ctx.save_for_backward(q, k, v, proj, o, lse, *saved_proj, lnl_w, lnl_b, lng_w, lng_b, pad)
+        o, o_saved, lse, saved_proj = _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
+                                                  project_after_ln, pad, scale, eps,
+                                                  store_acc=any(ctx.needs_input_grad[:8]))
+        ctx.save_for_backward(q, k, v, proj, o_saved, lse, *saved_proj, lnl_w, lnl_b, lng_w, lng_b, pad)
         ctx.cfg = (window, causal, chunk, project_after_ln, scale, eps)
         return o.to(torch.bfloat16) if ctx.upcast else o
 

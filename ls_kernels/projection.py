@@ -244,6 +244,12 @@ def proj_config(D, r, seg_len):
     return BLOCK_N, BLOCK_R
 
 
+def proj_bwd_config(D, r, seg_len):
+    """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_90a)."""
+    BLOCK_N = 32 if seg_len >= 32 else 16
+    return BLOCK_N, 16, (4 if BLOCK_N == 32 else 8)
+
+
 def ln_params(ln, H, D, dtype, device):
     """(weight, bias, stride_h) as contiguous (H or 1, D) tensors in dtype; dummies when ln is None."""
     if ln is None:
@@ -333,7 +339,7 @@ def projection_backward(proj, k, v, pad, ln_src, causal, chunk, scalars, col_lse
     if NG == 0:
         return dproj, dk_src, dv_src
     col_dot = ((k_raw * dk_raw).sum(-1) + (v_raw * dv_raw).sum(-1)).contiguous()  # (B, H, NG)
-    BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
+    BLOCK_N, BLOCK_R, num_warps = proj_bwd_config(D, r, chunk if causal else N)
     if causal:
         seg_len, n_seg = chunk, N // chunk
     else:
@@ -351,6 +357,6 @@ def projection_backward(proj, k, v, pad, ln_src, causal, chunk, scalars, col_lse
         pad.stride(0) if pad is not None else 0, lnl_stride,
         N, H, r, seg_len, NG, 1 if causal else 0,
         HEAD_DIM=D, HAS_PAD=pad is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=max(16, _next_pow2(D)), num_warps=4,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
     )
     return dproj, dk_src, dv_src
