@@ -157,6 +157,10 @@ def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
     for start in range(0, N, group):
         stop = min(N, start + group)
         n_keys = min(nc, (stop - 1) // chunk) * r  # chunks any query of the group can see
+        if n_keys == 0:  # queries of the first chunk see no projected vector
+            zeros = q.new_zeros(B, H, stop - start, dtype=_acc_dtype(q.dtype))
+            parts.append((zeros, zeros[..., None].expand(-1, -1, -1, D), zeros))
+            continue
         args = (q[:, :, start:stop], k_g[:, :, :n_keys], v_g[:, :, :n_keys], chunk_valid, start, chunk, r, scale)
         if use_ckpt:
             parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False))
@@ -188,6 +192,6 @@ def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_glo
         local = _local_causal if causal else _local_bidirectional
         parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), pad, window, scale))
     if not parts:  # causal projection-only with no full chunk: nothing is visible
-        return q.mul(0.0)
+        return torch.where(torch.zeros_like(pad)[:, None, :, None], q, 0.0)
     out = _merge(parts).masked_fill(pad[:, None, :, None], 0.0)
     return out.to(q.dtype)

@@ -2,6 +2,8 @@
 
 Each check raises ``ValueError`` naming the argument and what it got.
 """
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,15 +64,16 @@ def check_inputs(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
             raise ValueError(f"proj is on {proj.device} but q is on {q.device}")
     if window is None:
         window = 0
-    if isinstance(window, bool) or not isinstance(window, int):
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
         raise ValueError(f"window must be an int >= 0, got {window!r}")
+    window = int(window)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     if window == 0 and proj is None:
         raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to; "
                          "give window > 0, proj, or both")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or (causal and chunk < 1):
+        raise ValueError(f"chunk must be an int >= 1 in causal mode, got {chunk!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     _check_ln("ln_local", ln_local, H, D, q)

@@ -717,6 +717,7 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
     """
     window = check_inputs(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
                           key_padding_mask, scale, eps, backend)
+    chunk = int(chunk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not _use_triton(q, backend):
         return ls_attention_torch(q, k, v, proj, window=window, causal=causal, chunk=chunk, ln_local=ln_local,

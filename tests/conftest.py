@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # the reference lives in the repo, not in the installed package
@@ -12,3 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # set before the kernels are imported
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use small tensors: one thread is as fast, and far faster while other work shares the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

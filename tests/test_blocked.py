@@ -8,6 +8,7 @@ import torch
 from ls_kernels import blocked, ls_attention
 from reference import ls_attention_ref
 
+
 AXES = {
     "causal": [False, True],
     "N": [1, 7, 63, 111, 256],
@@ -156,8 +157,6 @@ def test_causal_global_query_groups(monkeypatch):
     check_case(GROUPED)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="BUG in blocked._global_causal: a query group of exactly one chunk has no keys, amax fails")
 def test_causal_global_query_groups_of_one_chunk(monkeypatch):
     monkeypatch.setattr(blocked, "_CAUSAL_GLOBAL_ELEMS", ELEMS_PER_QUERY * 4)
     check_case(GROUPED)

@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from reference import ls_attention_ref
 
+
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 
