@@ -85,10 +85,10 @@ def kernel_specs(dtype, D):
     specs.append(("_proj_combine_kernel", prj._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
-    for seg_len in (4096, 16):  # bidirectional segments, causal chunks of 16
+    for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
         bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
         const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
-        specs.append((f"_proj_bwd_kernel[BLOCK_N={bn}]", prj._proj_bwd_kernel, types, const, w, 1))
+        specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj._proj_bwd_kernel, types, const, w, 1))
     return specs
 
 

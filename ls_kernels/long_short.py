@@ -456,7 +456,7 @@ def _bwd_config(D, dtype):
     """Default (BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels, by kernel.
 
     BLOCK_M counts queries and BLOCK_N keys (or projected vectors) in every kernel.
-    Chosen by ahead-of-time compilation like the forward's: zero spills on sm_90a. The
+    Chosen by ahead-of-time compilation like the forward's: zero spills on sm_80 and sm_90a. The
     IEEE fp32 FMA dots need one stage (software pipelining doubles their registers).
     """
     if INTERPRET:
@@ -468,8 +468,8 @@ def _bwd_config(D, dtype):
             return dict(dq=(32, 16, 8, 2), dkv=(16, 16, 8, 2), dkv_global=(16, 16, 8, 2))
         return dict(dq=(16, 16, 8, 2), dkv=(32, 32, 8, 1), dkv_global=(16, 16, 8, 1))
     if D <= 64:
-        return dict(dq=(64, 32, 4, 2), dkv=(64, 64, 8, 2), dkv_global=(32, 32, 4, 2))
-    return dict(dq=(32, 32, 4, 2), dkv=(16, 32, 8, 2), dkv_global=(32, 32, 4, 2))
+        return dict(dq=(64, 32, 4, 2), dkv=(32, 32, 4, 1), dkv_global=(32, 32, 4, 2))
+    return dict(dq=(32, 32, 8, 2), dkv=(16, 32, 8, 2), dkv_global=(32, 32, 4, 2))
 
 
 def _scalars(scale, eps, dtype, device):

@@ -245,8 +245,8 @@ def proj_config(D, r, seg_len):
 
 
 def proj_bwd_config(D, r, seg_len):
-    """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_90a)."""
-    BLOCK_N = 32 if seg_len >= 32 else 16
+    """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_80 and sm_90a)."""
+    BLOCK_N = 32 if seg_len >= 32 and D <= 64 else 16
     return BLOCK_N, 16, (4 if BLOCK_N == 32 else 8)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ls_kernels import ls_attention
 from ls_kernels.long_short import INTERPRET
-from lsinputs import make_inputs, to64
+from reference.inputs import make_inputs, to64
 from reference import ls_attention_ref
 from test_triton_forward import DEVICE, PAPER, TINY, _grid, _id
 

@@ -16,7 +16,7 @@ import torch
 
 from ls_kernels import ls_attention
 from ls_kernels.long_short import INTERPRET
-from lsinputs import make_inputs, reference_errors
+from reference.inputs import make_inputs, reference_errors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")

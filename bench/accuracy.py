@@ -1,0 +1,78 @@
+"""Max error of the Triton kernels against the fp64 reference on the paper's configurations.
+
+For the output and the gradient of every input, prints the kernel's max abs error and
+that of the same-dtype PyTorch path (the reference with upcast=False), at reduced N.
+Without a GPU it runs the kernels in Triton's interpreter (a few minutes).
+
+    python bench/accuracy.py [--dtypes fp32,fp16]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ls_kernels import ls_attention  # noqa: E402
+from reference import ls_attention_ref  # noqa: E402
+from reference.inputs import make_inputs, to64  # noqa: E402
+
+PAPER = {  # name: (causal, N, H, D, window, rank, chunk)
+    "LRA w8 r32": (False, 512, 2, 32, 8, 32, 16),
+    "Text w1 r1": (False, 512, 2, 32, 1, 1, 16),
+    "ListOps w16 r2": (False, 512, 2, 32, 16, 2, 16),
+    "Retrieval w1 r254": (False, 512, 2, 32, 1, 254, 16),
+    "char-LM w512 l16 r1": (True, 1024, 2, 64, 512, 1, 16),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def outputs_and_grads(fn, tensors, kw, grad_out):
+    """{name: tensor} for the output and the gradient of every named input."""
+    names = list(tensors)
+    args = dict(tensors)
+    ln = {s: (args.pop(f"{s}.w"), args.pop(f"{s}.b")) for s in ("ln_local", "ln_global")}
+    out = fn(args["q"], args["k"], args["v"], args["proj"], **ln, **kw)
+    grads = torch.autograd.grad(out, [tensors[n] for n in names], grad_out.to(out.dtype))
+    return {"out": out, **{f"d{n}": g for n, g in zip(names, grads)}}
+
+
+def measure(name, dtype):
+    causal, N, H, D, w, r, chunk = PAPER[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, proj, kw = make_inputs(1, H, N, D, r, dtype=dtype, pad="rows", chunk=chunk, ln_local="head",
+                                    ln_global="head", device=device, requires_grad=True)
+    tensors = dict(q=q, k=k, v=v, proj=proj, **{f"{s}.{p}": kw[s][i] for s in ("ln_local", "ln_global")
+                                                   for i, p in enumerate("wb")})
+    cfg = dict(window=w, causal=causal, chunk=chunk, project_after_ln=not causal,
+               key_padding_mask=kw["key_padding_mask"])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    ref = outputs_and_grads(ls_attention_ref, {n: to64(x) for n, x in tensors.items()}, cfg, grad_out)
+    same = outputs_and_grads(lambda *a, **k_: ls_attention_ref(*a, upcast=False, **k_), tensors, cfg, grad_out)
+    got = outputs_and_grads(lambda *a, **k_: ls_attention(*a, backend="triton", **k_), tensors, cfg, grad_out)
+    return {n: ((got[n].double() - ref[n]).abs().max().item(), (same[n].double() - ref[n]).abs().max().item())
+            for n in ref}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="fp32,fp16", help="comma-separated from fp32, fp16, bf16")
+    args = parser.parse_args()
+    cols = None
+    for dt in args.dtypes.split(","):
+        for name in PAPER:
+            errs = measure(name, DTYPES[dt])
+            if cols is None:
+                cols = list(errs)
+                print("| config | dtype | " + " | ".join(cols) + " |")
+                print("|---|---|" + "---|" * len(cols))
+            print(f"| {name} | {dt} | " + " | ".join(f"{a:.1e} ({b:.1e})" for a, b in errs.values()) + " |",
+                  flush=True)
+    print("\neach cell: kernel max abs error vs fp64 reference (same-dtype PyTorch path's error)")
+
+
+if __name__ == "__main__":
+    main()
