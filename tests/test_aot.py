@@ -17,13 +17,17 @@ KERNELS = {f"{k}[{m}]" for k in ("_ls_fwd_kernel", "_ls_bwd_dq_kernel", "_ls_bwd
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
 
-@pytest.fixture(scope="module")
-def aot_rows():
+def _report(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "aot_report.py"), "--json"],
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "aot_report.py"), "--json", *args],
                          env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def aot_rows():
+    return _report()
 
 
 def test_every_kernel_compiles_for_every_target(aot_rows):
@@ -40,3 +44,9 @@ def test_no_spills_on_sm90a(aot_rows):
 def test_shared_memory_fits(aot_rows):
     over = [r for r in aot_rows if r["shared"] > SHARED_LIMIT[r["target"]]]
     assert not over, over
+
+
+def test_fp64_kernels_compile_for_gpus():
+    """Triton has no fp64 tl.dot on GPUs: the fp64 path (gradcheck on a GPU) must avoid it and compile."""
+    rows = _report("--dtypes", "fp64", "--dims", "16", "--archs", "90")
+    assert {r["kernel"] for r in rows} == KERNELS
