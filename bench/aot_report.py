@@ -29,6 +29,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 from ls_kernels import long_short as lsa  # noqa: E402
 from ls_kernels import projection as prj  # noqa: E402
+from ls_kernels.kernel_utils import next_pow2  # noqa: E402
 
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -42,7 +43,7 @@ def kernel_specs(dtype, D):
     """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
     t, acc = TL_TYPES[dtype], _acc(dtype)
     fp64 = dtype == torch.float64
-    BLOCK_D = max(16, prj._next_pow2(D))
+    BLOCK_D = max(16, next_pow2(D))
     specs = []
     BLOCK_M, BLOCK_N, warps, stages = lsa._fwd_config(D, dtype)
     bwd = lsa._bwd_config(D, dtype)

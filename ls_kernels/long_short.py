@@ -16,7 +16,9 @@ import triton.language as tl
 
 from .blocked import layer_norm, ls_attention_torch
 from .checks import check_inputs
-from .projection import _dot, _layer_norm_rows, _next_pow2, ln_params, projection_backward, projection_forward
+from .kernel_utils import (_dot, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows, _normalize_rows,
+                           ln_params, next_pow2)
+from .projection import projection_backward, projection_forward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
@@ -54,21 +56,6 @@ def _softmax_step(s, visible, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PREC
 
 
 @triton.jit
-def _normalize_rows(x, mask_d, eps, HEAD_DIM: tl.constexpr):
-    """(x_hat, rstd) of each row of x [R, BLOCK_D] over its first HEAD_DIM columns."""
-    xc = tl.where(mask_d[None, :], x - tl.sum(x, axis=1)[:, None] / HEAD_DIM, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)
-    return xc * rstd[:, None], rstd
-
-
-@triton.jit
-def _layer_norm_rows_bwd(g, x_hat, rstd, HEAD_DIM: tl.constexpr):
-    """dx of y = x_hat * w + b given g = dy * w: rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
-    return rstd[:, None] * (g - tl.sum(g, axis=1)[:, None] / HEAD_DIM
-                            - x_hat * tl.sum(g * x_hat, axis=1)[:, None] / HEAD_DIM)
-
-
-@triton.jit
 def _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL: tl.constexpr):
     """[BLOCK_M, BLOCK_N]: key offs_n lies in the window of query offs_m (and in the sequence)."""
     if CAUSAL:  # keys t - WINDOW + 1 .. t
@@ -86,6 +73,57 @@ def _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL: tl.constexpr):
     if CAUSAL:  # only chunks strictly before the query's own
         vis = vis & ((offs_g // RANK)[None, :] < (offs_m // CHUNK)[:, None])
     return vis
+
+
+@triton.jit
+def _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """[lo, hi): the key tiles holding a window key of any query start_m .. last_m, lo tile-aligned."""
+    if CAUSAL:  # keys t - WINDOW + 1 .. t
+        lo = tl.maximum(start_m - WINDOW + 1, 0)
+        hi = last_m + 1
+    else:  # keys of the segments of the first and last query, widened by HALF
+        lo = tl.maximum((start_m // WINDOW) * WINDOW - HALF, 0)
+        hi = tl.minimum((last_m // WINDOW) * WINDOW + WINDOW + HALF, N)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _projected_range(last_m, NG, CHUNK, RANK, CAUSAL: tl.constexpr):
+    """Number of projected vectors any query up to last_m can see."""
+    if CAUSAL:  # the chunks before the last query's own, RANK vectors each
+        return tl.minimum((last_m // CHUNK) * RANK, NG)
+    else:
+        return NG
+
+
+@triton.jit
+def _window_tile(k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_n, offs_d, mask_d, ln_w, ln_b,
+                 eps, zero, q, N, WINDOW, HALF, HAS_LN: tl.constexpr, HAS_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Window keys and values [BLOCK_N, BLOCK_D] (LN_L applied, in q's dtype) and their visibility
+    [BLOCK_M, BLOCK_N] to the queries offs_m."""
+    mask_n = offs_n < N
+    k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d)
+    v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d)
+    if HAS_LN:
+        k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
+        v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
+    visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
+    if HAS_PAD:
+        visible = visible & (tl.load(pad_base + offs_n, mask=mask_n, other=1) == 0)[None, :]
+    return k, v, visible
+
+
+@triton.jit
+def _projected_tile(KG, VG, GVIS, g_base, gvis_base, offs_m, offs_g, g_hi, offs_d, mask_d, q, CHUNK, RANK,
+                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Projected keys and values [BLOCK_G, BLOCK_D] in q's dtype and their visibility [BLOCK_M, BLOCK_G]."""
+    mask_g = offs_g < g_hi
+    rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
+    kg = tl.load(KG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+    vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
+    gvis = tl.load(GVIS + gvis_base + offs_g, mask=mask_g, other=0)  # its sequence or chunk has real tokens
+    return kg, vg, _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
 
 
 @triton.jit
@@ -114,58 +152,31 @@ def _ls_fwd_kernel(
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)  # 0 in the accumulation dtype
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32) + zero
     l_i = tl.zeros([BLOCK_M], tl.float32) + zero
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
     last_m = tl.minimum(start_m + BLOCK_M, N) - 1  # last real query of the block
 
     if HAS_GLOBAL:
-        if CAUSAL:  # the block's last query sees chunks before its own, RANK vectors each
-            g_hi = tl.minimum((last_m // CHUNK) * RANK, NG)
-        else:
-            g_hi = NG
-        g_base = (off_b * H + off_h) * NG
+        g_hi = _projected_range(last_m, NG, CHUNK, RANK, CAUSAL)
         for start_g in range(0, g_hi, BLOCK_G):
             offs_g = start_g + tl.arange(0, BLOCK_G)
-            mask_g = offs_g < g_hi
-            rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
-            kg = tl.load(KG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-            vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-            s = _dot(q, tl.trans(kg.to(q.dtype)), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
-            gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)  # chunk or sequence has real tokens
-            visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
-            m_i, l_i, acc = _softmax_step(s, visible, vg.to(q.dtype), m_i, l_i, acc, IS_FP64, PRECISION)
+            kg, vg, visible = _projected_tile(KG, VG, GVIS, (off_b * H + off_h) * NG, off_b * NG, offs_m, offs_g,
+                                              g_hi, offs_d, mask_d, q, CHUNK, RANK, CAUSAL, HEAD_DIM)
+            s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
+            m_i, l_i, acc = _softmax_step(s, visible, vg, m_i, l_i, acc, IS_FP64, PRECISION)
 
     if HAS_LOCAL:
-        if CAUSAL:  # keys t - WINDOW + 1 .. t
-            lo = tl.maximum(start_m - WINDOW + 1, 0)
-            hi = last_m + 1
-        else:  # keys of the segments of the block's first and last query, widened by HALF
-            lo = tl.maximum((start_m // WINDOW) * WINDOW - HALF, 0)
-            hi = tl.minimum((last_m // WINDOW) * WINDOW + WINDOW + HALF, N)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        if HAS_LN:
-            ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero  # [BLOCK_D]
-            ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
+        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
+        lo, hi = _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N, CAUSAL)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            rows = offs_n.to(tl.int64)[:, None]
-            mask_nd = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0)
-            if HAS_LN:
-                k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
-                v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
+            k, v, visible = _window_tile(K + off_b * stride_kb + off_h * stride_kh,
+                                         V + off_b * stride_vb + off_h * stride_vh, stride_kn, stride_vn,
+                                         PAD + off_b * stride_padb, offs_m, offs_n, offs_d, mask_d, ln_w, ln_b,
+                                         eps, zero, q, N, WINDOW, HALF, HAS_LN, HAS_PAD, CAUSAL, HEAD_DIM)
             s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
-            if HAS_PAD:
-                key_pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
-                visible = visible & (key_pad == 0)[None, :]
             m_i, l_i, acc = _softmax_step(s, visible, v, m_i, l_i, acc, IS_FP64, PRECISION)
 
     seen = l_i > 0
@@ -205,75 +216,44 @@ def _ls_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
     qk_scale = tl.load(SCALARS)
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)
-    rows_m = offs_m.to(tl.int64)[:, None]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_m * stride_don + offs_d[None, :],
-                 mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, mask_m, offs_d, mask_d)
     lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
     delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
     last_m = tl.minimum(start_m + BLOCK_M, N) - 1
 
     if HAS_GLOBAL:
-        if CAUSAL:
-            g_hi = tl.minimum((last_m // CHUNK) * RANK, NG)
-        else:
-            g_hi = NG
-        g_base = (off_b * H + off_h) * NG
+        g_hi = _projected_range(last_m, NG, CHUNK, RANK, CAUSAL)
         for start_g in range(0, g_hi, BLOCK_G):
             offs_g = start_g + tl.arange(0, BLOCK_G)
-            mask_g = offs_g < g_hi
-            rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
-            kg = tl.load(KG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
-            vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
-            gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)
-            visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
+            kg, vg, visible = _projected_tile(KG, VG, GVIS, (off_b * H + off_h) * NG, off_b * NG, offs_m, offs_g,
+                                              g_hi, offs_d, mask_d, q, CHUNK, RANK, CAUSAL, HEAD_DIM)
             s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
             p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            dp = _dot(do, tl.trans(vg), IS_FP64, PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (_dot(do, tl.trans(vg), IS_FP64, PRECISION) - delta[:, None])
             dq += _dot(ds.to(q.dtype), kg, IS_FP64, PRECISION)
 
     if HAS_LOCAL:
-        if CAUSAL:
-            lo = tl.maximum(start_m - WINDOW + 1, 0)
-            hi = last_m + 1
-        else:
-            lo = tl.maximum((start_m // WINDOW) * WINDOW - HALF, 0)
-            hi = tl.minimum((last_m // WINDOW) * WINDOW + WINDOW + HALF, N)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        if HAS_LN:
-            ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-            ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        k_base = K + off_b * stride_kb + off_h * stride_kh
-        v_base = V + off_b * stride_vb + off_h * stride_vh
+        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
+        lo, hi = _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N, CAUSAL)
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            rows = offs_n.to(tl.int64)[:, None]
-            mask_nd = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0)
-            v = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0)
-            if HAS_LN:
-                k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
-                v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
-            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
-            if HAS_PAD:
-                key_pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
-                visible = visible & (key_pad == 0)[None, :]
+            k, v, visible = _window_tile(K + off_b * stride_kb + off_h * stride_kh,
+                                         V + off_b * stride_vb + off_h * stride_vh, stride_kn, stride_vn,
+                                         PAD + off_b * stride_padb, offs_m, offs_n, offs_d, mask_d, ln_w, ln_b,
+                                         eps, zero, q, N, WINDOW, HALF, HAS_LN, HAS_PAD, CAUSAL, HEAD_DIM)
             s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            dp = _dot(do, tl.trans(v), IS_FP64, PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = p * (_dot(do, tl.trans(v), IS_FP64, PRECISION) - delta[:, None])
             dq += _dot(ds.to(q.dtype), k, IS_FP64, PRECISION)
 
     dq = dq * tl.load(SCALARS + 3)  # the score scale
-    tl.store(DQ + (off_b * H + off_h) * N * HEAD_DIM + rows_m * HEAD_DIM + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask_md)
+    dq_ptrs = DQ + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -301,21 +281,17 @@ def _ls_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
     qk_scale = tl.load(SCALARS)
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)
-    rows_n = offs_n.to(tl.int64)[:, None]
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn + offs_d[None, :],
-                mask=mask_nd, other=0.0)  # [BLOCK_N, BLOCK_D]
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn + offs_d[None, :],
-                mask=mask_nd, other=0.0)
-    dtype = k.dtype
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
+    v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d)
+    ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
     if HAS_LN:
-        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(dtype)
-        v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(dtype)
+        k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
+        v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
@@ -338,32 +314,28 @@ def _ls_bwd_dkv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            rows_m = offs_m.to(tl.int64)[:, None]
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(do_base + rows_m * stride_don + offs_d[None, :], mask=mask_md, other=0.0)
+            q = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+            do = _load_rows(do_base, offs_m, stride_don, mask_m, offs_d, mask_d)
             lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
             visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL) & key_ok[None, :]
             s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
             p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            dv += _dot(tl.trans(p.to(dtype)), do, IS_FP64, PRECISION)
-            dp = _dot(do, tl.trans(v), IS_FP64, PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(dtype)), q, IS_FP64, PRECISION)
+            dv += _dot(tl.trans(p.to(q.dtype)), do, IS_FP64, PRECISION)
+            ds = p * (_dot(do, tl.trans(v), IS_FP64, PRECISION) - delta[:, None])
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IS_FP64, PRECISION)
         dk = dk * tl.load(SCALARS + 3)
 
-    out = (off_b * H + off_h) * N * HEAD_DIM + rows_n * HEAD_DIM + offs_d[None, :]
+    out = ((off_b * H + off_h) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
         dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
     if HAS_LN:  # statistics recomputed here rather than held in registers through the loop
-        k_hat, k_rstd = _normalize_rows(tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn
-                                                + offs_d[None, :], mask=mask_nd, other=0.0) + zero, mask_d, eps,
-                                        HEAD_DIM)
-        v_hat, v_rstd = _normalize_rows(tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn
-                                                + offs_d[None, :], mask=mask_nd, other=0.0) + zero, mask_d, eps,
-                                        HEAD_DIM)
+        k_hat, k_rstd = _normalize_rows(_load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero,
+                                        mask_d, eps, HEAD_DIM)
+        v_hat, v_rstd = _normalize_rows(_load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero,
+                                        mask_d, eps, HEAD_DIM)
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
         tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
         tl.store(DLNB_PART + part, tl.sum(dk + dv, axis=0), mask=mask_d)
@@ -414,18 +386,15 @@ def _ls_bwd_dkv_global_kernel(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = (offs_m < hi) & (offs_m >= pid_s * SPLIT_LEN)
-        rows_m = offs_m.to(tl.int64)[:, None]
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows_m * stride_qn + offs_d[None, :], mask=mask_md, other=0.0)  # [BLOCK_M, BLOCK_D]
-        do = tl.load(do_base + rows_m * stride_don + offs_d[None, :], mask=mask_md, other=0.0)
+        q = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+        do = _load_rows(do_base, offs_m, stride_don, mask_m, offs_d, mask_d)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=float("inf"))
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
         visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL) & mask_m[:, None]
         s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
         p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
         dvg += _dot(tl.trans(p.to(q_dtype)), do, IS_FP64, PRECISION)
-        dp = _dot(do, tl.trans(vg), IS_FP64, PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = p * (_dot(do, tl.trans(vg), IS_FP64, PRECISION) - delta[:, None])
         dkg += _dot(tl.trans(ds.to(q_dtype)), q, IS_FP64, PRECISION)
     dkg = dkg * tl.load(SCALARS + 3)
     part = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \
@@ -466,7 +435,7 @@ def _bwd_config(D, dtype):
     if dtype == torch.float32:
         if D <= 64:
             return dict(dq=(32, 16, 8, 2), dkv=(16, 16, 8, 2), dkv_global=(16, 16, 8, 2))
-        return dict(dq=(16, 16, 8, 2), dkv=(32, 32, 8, 1), dkv_global=(16, 16, 8, 1))
+        return dict(dq=(16, 16, 8, 2), dkv=(32, 16, 8, 1), dkv_global=(16, 16, 8, 1))
     if D <= 64:
         return dict(dq=(64, 32, 4, 2), dkv=(32, 32, 4, 1), dkv_global=(32, 32, 4, 2))
     return dict(dq=(32, 32, 8, 2), dkv=(16, 32, 8, 2), dkv_global=(32, 32, 4, 2))
@@ -513,8 +482,8 @@ def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, proje
     NG = kg.shape[2]
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(D, q.dtype)
-    BLOCK_D = max(16, _next_pow2(D))
-    BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
+    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_G = max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
     o = torch.empty_like(q)
     store_acc = store_acc and q.dtype in (torch.float16, torch.bfloat16)
     o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if store_acc else o
@@ -553,7 +522,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
         torch.empty(B, 0, dtype=torch.int8, device=device)
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
     cfg = _bwd_config(D, q.dtype)
-    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_D = max(16, next_pow2(D))
     is_fp64 = q.dtype == torch.float64
     pad_arg = pad8 if pad8 is not None else gvis
     stride_padb = pad8.stride(0) if pad8 is not None else 0
@@ -565,7 +534,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
                     BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
 
     BLOCK_M, BLOCK_N = cfg["dq"][:2]
-    BLOCK_G = max(16, min(BLOCK_N, _next_pow2(max(NG, 1))))
+    BLOCK_G = max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     _ls_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), H, B)](
         q, k, v, kg, vg, gvis, pad_arg, lnw, lnb, scalars, do, lse, delta, dq,
@@ -585,7 +554,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
         dproj = torch.zeros_like(proj)
     elif proj is not None:
         BLOCK_M, BLOCK_N = cfg["dkv_global"][:2]
-        BLOCK_G = max(16, min(BLOCK_N, _next_pow2(NG)))
+        BLOCK_G = max(16, min(BLOCK_N, next_pow2(NG)))
         n_gblk = triton.cdiv(NG, BLOCK_G)
         n_split = 1 if causal else max(1, min(triton.cdiv(N, BLOCK_M), 512 // (B * H * n_gblk)))
         split_len = triton.cdiv(triton.cdiv(N, n_split), BLOCK_M) * BLOCK_M

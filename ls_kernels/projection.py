@@ -17,23 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] @ b [K, N]; GPUs have no fp64 tl.dot, so fp64 multiplies and sums."""
-    if IS_FP64:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _layer_norm_rows(x, weight, bias, mask_d, eps, HEAD_DIM: tl.constexpr):
-    """LayerNorm of each row of x [R, BLOCK_D] over its first HEAD_DIM columns (zeros beyond)."""
-    mean = tl.sum(x, axis=1) / HEAD_DIM  # [R]
-    xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)  # [R]
-    return xc * rstd[:, None] * weight[None, :] + bias[None, :]
+from .kernel_utils import _dot, _layer_norm_rows, _load_ln, _load_rows, ln_params, next_pow2
 
 
 @triton.jit
@@ -58,9 +42,7 @@ def _proj_partial_kernel(
     mask_d = offs_d < HEAD_DIM
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)  # 0 in the accumulation dtype
-    if HAS_LN:
-        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero  # [BLOCK_D]
-        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+    ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)  # [BLOCK_D]
     m_col = tl.full([BLOCK_R], float("-inf"), tl.float32) + zero  # [BLOCK_R]
     z_col = tl.zeros([BLOCK_R], tl.float32) + zero
     acc_k = tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + zero
@@ -79,9 +61,8 @@ def _proj_partial_kernel(
         if HAS_PAD:
             pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
             logits = tl.where(pad[:, None] != 0, float("-inf"), logits)
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=mask_nd, other=0.0) + zero  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=mask_nd, other=0.0) + zero
+        k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero  # [BLOCK_N, BLOCK_D]
+        v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero
         if HAS_LN:
             k = _layer_norm_rows(k, ln_w, ln_b, mask_d, eps, HEAD_DIM)
             v = _layer_norm_rows(v, ln_w, ln_b, mask_d, eps, HEAD_DIM)
@@ -151,8 +132,7 @@ def _proj_combine_kernel(
     tl.store(COL_LSE + out_row, tl.where(seen, m_col + tl.log(tl.where(seen, z_col, 1.0)), float("inf")),
              mask=mask_r)
     if HAS_LN:
-        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
         k_raw = _layer_norm_rows(k_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
         v_raw = _layer_norm_rows(v_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
     tl.store(KG + out, k_raw, mask=mask_rd)
@@ -184,9 +164,7 @@ def _proj_bwd_kernel(
     mask_d = offs_d < HEAD_DIM
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)
-    if HAS_LN:
-        ln_w = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
-        ln_b = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+    ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
     group = pid_s * GROUP_IS_SEGMENT  # causal: one chunk per segment; bidirectional: one group
     g_base = pid_bh.to(tl.int64) * NG + group * RANK  # first row of the group in (B, H, NG)
     p_base = P + off_b * stride_pb + off_h * stride_ph
@@ -197,10 +175,8 @@ def _proj_bwd_kernel(
         mask_n = offs_n < seg_hi
         rows = offs_n.to(tl.int64)[:, None]
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows * stride_kn + offs_d[None, :],
-                    mask=mask_nd, other=0.0) + zero  # [BLOCK_N, BLOCK_D]
-        v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows * stride_vn + offs_d[None, :],
-                    mask=mask_nd, other=0.0) + zero
+        k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero
+        v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero
         if HAS_LN:
             k = _layer_norm_rows(k, ln_w, ln_b, mask_d, eps, HEAD_DIM)
             v = _layer_norm_rows(v, ln_w, ln_b, mask_d, eps, HEAD_DIM)
@@ -232,15 +208,11 @@ def _proj_bwd_kernel(
         tl.store(DV_SRC + out, dv_src, mask=mask_nd)
 
 
-def _next_pow2(x):
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def proj_config(D, r, seg_len):
     """(BLOCK_N, BLOCK_R) of the pre-pass: IEEE fp32 dots, so small tiles (larger ones spill)."""
     cap = 32 if D <= 64 else 16
-    BLOCK_R = max(16, min(cap, _next_pow2(r)))
-    BLOCK_N = max(16, min(cap, _next_pow2(seg_len)))
+    BLOCK_R = max(16, min(cap, next_pow2(r)))
+    BLOCK_N = max(16, min(cap, next_pow2(seg_len)))
     return BLOCK_N, BLOCK_R
 
 
@@ -248,15 +220,6 @@ def proj_bwd_config(D, r, seg_len):
     """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_80 and sm_90a)."""
     BLOCK_N = 32 if seg_len >= 32 and D <= 64 else 16
     return BLOCK_N, 16, (4 if BLOCK_N == 32 else 8)
-
-
-def ln_params(ln, H, D, dtype, device):
-    """(weight, bias, stride_h) as contiguous (H or 1, D) tensors in dtype; dummies when ln is None."""
-    if ln is None:
-        dummy = torch.empty(1, dtype=dtype, device=device)
-        return dummy, dummy, 0
-    weight, bias = (x.to(dtype).reshape(-1, D).contiguous() for x in ln)
-    return weight, bias, (D if ln[0].dim() == 2 else 0)
 
 
 def projection_forward(proj, k, v, pad, ln_src, ln_global, causal, chunk, scalars):
@@ -272,7 +235,7 @@ def projection_forward(proj, k, v, pad, ln_src, ln_global, causal, chunk, scalar
     r = proj.shape[-1]
     acc = scalars.dtype
     device = k.device
-    BLOCK_D = max(16, _next_pow2(D))
+    BLOCK_D = max(16, next_pow2(D))
     BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
     n_rblk = triton.cdiv(r, BLOCK_R)
     if causal:
@@ -357,6 +320,6 @@ def projection_backward(proj, k, v, pad, ln_src, causal, chunk, scalars, col_lse
         pad.stride(0) if pad is not None else 0, lnl_stride,
         N, H, r, seg_len, NG, 1 if causal else 0,
         HEAD_DIM=D, HAS_PAD=pad is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=max(16, _next_pow2(D)), num_warps=num_warps,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=max(16, next_pow2(D)), num_warps=num_warps,
     )
     return dproj, dk_src, dv_src
