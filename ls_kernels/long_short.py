@@ -584,7 +584,8 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
 
     BLOCK_N = cfg["dkv"][1]  # programs own BLOCK_N keys and visit BLOCK_M queries at a time
     n_kblk = triton.cdiv(N, BLOCK_N)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=device)  # contiguous: the kernel indexes it so
+    dv = torch.empty_like(dk)
     dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=device)
     dlnb_part = torch.empty_like(dlnw_part)
     src_mode = 0 if dk_src is None else (1 if project_after_ln else 2)

@@ -127,3 +127,26 @@ def test_backward_is_deterministic():
     second = _grads(_triton, q, k, v, proj, kw, grad_out)
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+def test_strided_layouts_match_contiguous():
+    """(B, N, H, D) tensors viewed as (B, H, N, D) (only stride(-1) == 1) give the contiguous results exactly."""
+    B, H, N, D, r = 2, 3, 70, 24, 3
+    g = torch.Generator().manual_seed(3)
+    bnhd = [torch.randn(B, N, H, D, generator=g).to(DEVICE) for _ in range(3)]
+    proj_bnhr = torch.randn(B, N, H, r, generator=g).to(DEVICE)
+    kw = dict(window=5, causal=True, chunk=8, project_after_ln=False,
+              ln_local=(torch.rand(H, D, generator=g).to(DEVICE), torch.randn(H, D, generator=g).to(DEVICE)))
+    grad_out = torch.randn(B, H, N, D, generator=g).to(DEVICE)
+    results = []
+    for contiguous in (True, False):
+        q, k, v = (x.transpose(1, 2) for x in bnhd)
+        proj = proj_bnhr.transpose(1, 2)
+        if contiguous:
+            q, k, v, proj = (x.contiguous() for x in (q, k, v, proj))
+        assert q.is_contiguous() == contiguous
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, proj)]
+        out = _triton(*leaves, **kw)
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dproj"), *results):
+        assert torch.equal(a, b), name
