@@ -9,6 +9,14 @@ are detached: the merged result does not depend on them, so gradients are exact.
 
 Matrix products run in the input dtype; LayerNorm, softmax statistics and the
 merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
+
+On CPU with fp32 or fp64 inputs each partial softmax runs in ATen's fused CPU
+flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, with a
+-inf bias as mask), which never materializes the scores; the windows are strided
+views it reads in place, and causal queries are cut into shorter segments than w
+so less of each window is masked out. Elsewhere (CUDA: the unfused baseline;
+fp16/bf16) the scores are materialized by matmuls. Set ``FUSED_CPU = False`` to use
+the matmul path on CPU too.
 """
 import math
 
@@ -19,6 +27,11 @@ from torch.utils.checkpoint import checkpoint
 # elements of causal projected-key scores scored at once; larger inputs are cut
 # into query groups, checkpointed under autograd so memory stays linear in N
 _CAUSAL_GLOBAL_ELEMS = 1 << 25
+# at most this many queries per causal projected-key group (less of each group's keys masked out)
+_CAUSAL_GLOBAL_GROUP = 1024
+# queries per causal window segment on the fused CPU path (keys per segment: this + w - 1)
+_CAUSAL_SEGMENT = 128
+FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def _acc_dtype(dtype):
@@ -44,12 +57,61 @@ def masked_softmax(x, visible, dim):
     return torch.softmax(x, dim) * any_visible
 
 
+def _fused(q):
+    return FUSED_CPU and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+
+
+class _FlashCPU(torch.autograd.Function):
+    """(o, lse) of ATen's CPU flash attention with an additive bias, differentiable in both.
+
+    The ATen backward takes no gradient for lse; it enters through delta = rowsum(dO * O),
+    the only use of O there: dS = P * (dP - delta + dlse), so O is passed shifted by
+    dlse * dO / |dO|^2 (rows with dO = 0 get dlse = 0 from the merge)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, bias, o, lse)
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, bias, o, lse = ctx.saved_tensors
+        do = do.contiguous()
+        if dlse is not None:
+            norm = (do * do).sum(-1, keepdim=True)
+            o = o - torch.where(norm > 0, dlse[..., None] / norm, 0.0) * do
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q, k, v, o, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _partial_fused(q, k, v, visible, scale):
+    """``_partial`` by the fused CPU kernel, which takes 4-D tensors: 5-D ones go one batch element at a time."""
+    visible = visible.reshape((1,) * (q.dim() - visible.dim()) + visible.shape)
+    if q.dim() == 5:
+        parts = [_partial_fused(q[b], k[b], v[b], visible[min(b, visible.shape[0] - 1)], scale)
+                 for b in range(q.shape[0])]
+        return tuple(torch.stack(x) for x in zip(*parts))
+    visible = visible.expand(*visible.shape[:-1], k.shape[-2])
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    o, lse = _FlashCPU.apply(q, k, v, bias.expand(*q.shape[:-1], k.shape[-2]), scale)
+    lse = torch.where(visible.any(-1), lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
+    m = torch.where(torch.isfinite(lse), lse, 0.0).detach()
+    z = torch.exp(lse - m)  # 1 (0 for rows that see nothing), carrying the gradient of lse
+    return m, o * z[..., None], z
+
+
 def _partial(q, k, v, visible, scale):
     """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
 
     Returns the detached row max [..., M], the unnormalised output [..., M, D] and
-    the normaliser [..., M], all in the accumulation dtype.
+    the normaliser [..., M], all in the accumulation dtype. (The fused CPU path returns
+    the row logsumexp as "max", so its normaliser is 1, or 0 for rows that see nothing.)
     """
+    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0:  # the kernel divides by zero on empty inputs
+        return _partial_fused(q, k, v, visible, scale)
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # [..., M, K]
     s.mul_(scale).masked_fill_(~visible, float("-inf"))
@@ -60,8 +122,8 @@ def _partial(q, k, v, visible, scale):
     return m.squeeze(-1), num, p.sum(-1)
 
 
-def _merge(parts):
-    """Combine partial softmaxes over disjoint key sets into one softmax output."""
+def _combine(parts):
+    """Partial softmaxes over disjoint key sets -> one partial softmax (m, num, z) over their union."""
     m = parts[0][0]
     for part in parts[1:]:
         m = torch.maximum(m, part[0])
@@ -70,6 +132,12 @@ def _merge(parts):
         alpha = torch.exp(m_i - m)
         num = num + num_i * alpha[..., None]
         z = z + z_i * alpha
+    return m, num, z
+
+
+def _merge(parts):
+    """Combine partial softmaxes over disjoint key sets into one softmax output."""
+    _, num, z = _combine(parts)
     return num / torch.where(z > 0, z, torch.ones_like(z))[..., None]
 
 
@@ -102,17 +170,26 @@ def _local_bidirectional(q, k, v, pad, w, scale):
 def _local_causal(q, k, v, pad, w, scale):
     B, H, N, D = q.shape
     w = min(w, N)  # a window longer than the sequence is plain causal attention
-    n_seg = -(-N // w)
-    size, tail = 2 * w - 1, n_seg * w - N
-    q_seg = _segments(q, w, n_seg)  # (B, H, S, w, D)
-    k_win = _windows(k, w - 1, tail, size, w)  # (B, H, S, 2w - 1, D): keys t - w + 1 .. t
-    v_win = _windows(v, w - 1, tail, size, w)
-    key_pad = F.pad(pad, (w - 1, tail), value=True).unfold(1, size, w)  # (B, S, 2w - 1)
-    i = torch.arange(w, device=q.device)[:, None]
+    seg = min(w, _CAUSAL_SEGMENT) if _fused(q) else w  # queries per segment
+    n_seg = -(-N // seg)
+    size, tail = seg + w - 1, n_seg * seg - N
+    q_seg = _segments(q, seg, n_seg)  # (B, H, S, seg, D)
+    k_win = _windows(k, w - 1, tail, size, seg)  # (B, H, S, seg + w - 1, D): keys t - w + 1 .. t
+    v_win = _windows(v, w - 1, tail, size, seg)
+    key_pad = F.pad(pad, (w - 1, tail), value=True).unfold(1, size, seg)  # (B, S, seg + w - 1)
+    i = torch.arange(seg, device=q.device)[:, None]
     u = torch.arange(size, device=q.device)[None, :]
-    band = (u >= i) & (u < i + w)  # (w, 2w - 1): query i of a segment sees keys i .. i + w - 1
-    visible = band & ~key_pad[:, None, :, None, :]  # (B, 1, S, w, 2w - 1)
-    m, num, z = _partial(q_seg, k_win, v_win, visible, scale)
+    band = (u >= i) & (u < i + w)  # (seg, seg + w - 1): query i of a segment sees keys i .. i + w - 1
+    # only segments whose windows start before position 0, or hold padded keys, need a per-segment mask
+    # (keys past N are seen only by queries past N); the fused path leaves the others with the band alone
+    edge = n_seg if not _fused(q) or pad.any() else min(n_seg, -(-(w - 1) // seg))
+    parts = []
+    if edge > 0:
+        parts.append(_partial(q_seg[:, :, :edge], k_win[:, :, :edge], v_win[:, :, :edge],
+                              band & ~key_pad[:, None, :edge, None, :], scale))  # mask (B, 1, edge, seg, size)
+    if edge < n_seg:
+        parts.append(_partial(q_seg[:, :, edge:], k_win[:, :, edge:], v_win[:, :, edge:], band, scale))
+    m, num, z = (torch.cat(x, 2) if len(parts) > 1 else x[0] for x in zip(*parts))
     return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
 
 
@@ -139,33 +216,37 @@ def _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps):
 
 
 def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale):
-    """Partial softmax of queries start .. start + len(q) over the chunks strictly before theirs."""
-    t = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
-    key_chunk = torch.arange(k_g.shape[2], device=q.device) // r
-    visible = (key_chunk[None, :] < t // chunk) & chunk_valid[:, None, None, key_chunk]  # (B, 1, G, K)
-    return _partial(q, k_g, v_g, visible, scale)
+    """Partial softmax of queries start .. start + len(q) (start a multiple of chunk) over the chunks
+    strictly before theirs: the chunks before the group's first, seen by all its queries, and the
+    group's own chunks, seen by its later queries."""
+    c0, c1 = start // chunk, min(chunk_valid.shape[1], (start + q.shape[2] - 1) // chunk)
+    parts = []
+    if c0 > 0:
+        parts.append(_partial(q, k_g[:, :, :c0 * r], v_g[:, :, :c0 * r],
+                              chunk_valid[:, None, None, :c0].repeat_interleave(r, -1), scale))
+    if c1 > c0:
+        t = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
+        key_chunk = torch.arange(c0 * r, c1 * r, device=q.device) // r
+        visible = (key_chunk[None, :] < t // chunk) & chunk_valid[:, None, None, key_chunk]  # (B, 1, G, K)
+        parts.append(_partial(q, k_g[:, :, c0 * r:c1 * r], v_g[:, :, c0 * r:c1 * r], visible, scale))
+    if not parts:  # queries of the first chunk see no projected vector: zeros, still in the autograd graph
+        parts.append(_partial(q, k_g[:, :, :r], v_g[:, :, :r], chunk_valid[:, None, None, :0].any(-1, keepdim=True),
+                              scale))
+    return _combine(parts)
 
 
 def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
     B, H, N, D = q.shape
     nc = chunk_valid.shape[1]
-    group = max(chunk, (_CAUSAL_GLOBAL_ELEMS // max(B * H * nc * r, 1)) // chunk * chunk)
-    if group >= N:
-        return _causal_global_group(q, k_g, v_g, chunk_valid, 0, chunk, r, scale)
-    use_ckpt = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
+    group = min(_CAUSAL_GLOBAL_ELEMS // max(B * H * nc * r, 1), _CAUSAL_GLOBAL_GROUP)
+    group = max(chunk, group // chunk * chunk)
+    # the matmul path materializes each group's scores: recompute them in the backward
+    use_ckpt = not _fused(q) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
     parts = []
     for start in range(0, N, group):
-        stop = min(N, start + group)
-        n_keys = min(nc, (stop - 1) // chunk) * r  # chunks any query of the group can see
-        if n_keys == 0:  # queries of the first chunk see no projected vector
-            zeros = q.new_zeros(B, H, stop - start, dtype=_acc_dtype(q.dtype))
-            parts.append((zeros, zeros[..., None].expand(-1, -1, -1, D), zeros))
-            continue
-        args = (q[:, :, start:stop], k_g[:, :, :n_keys], v_g[:, :, :n_keys], chunk_valid, start, chunk, r, scale)
-        if use_ckpt:
-            parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False))
-        else:
-            parts.append(_causal_global_group(*args))
+        args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale)
+        parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False) if use_ckpt
+                     else _causal_global_group(*args))
     return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(3))
 
 
