@@ -93,14 +93,14 @@ def _partial_fused(q, k, v, visible, scale):
     if q.dim() == 5:
         parts = [_partial_fused(q[b], k[b], v[b], visible[min(b, visible.shape[0] - 1)], scale)
                  for b in range(q.shape[0])]
-        return tuple(torch.stack(x) for x in zip(*parts))
+        return tuple(torch.stack(x) if len(parts) > 1 else x[0][None] for x in zip(*parts))
     visible = visible.expand(*visible.shape[:-1], k.shape[-2])
     bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
     o, lse = _FlashCPU.apply(q, k, v, bias.expand(*q.shape[:-1], k.shape[-2]), scale)
     lse = torch.where(visible.any(-1), lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
     m = torch.where(torch.isfinite(lse), lse, 0.0).detach()
     z = torch.exp(lse - m)  # 1 (0 for rows that see nothing), carrying the gradient of lse
-    return m, o * z[..., None], z
+    return m, (o * z[..., None] if torch.is_grad_enabled() else o), z  # o is 0 where z is 0
 
 
 def _partial(q, k, v, visible, scale):
@@ -127,29 +127,35 @@ def _combine(parts):
     m = parts[0][0]
     for part in parts[1:]:
         m = torch.maximum(m, part[0])
-    num, z = 0.0, 0.0
+    num = z = None
     for m_i, num_i, z_i in parts:
         alpha = torch.exp(m_i - m)
-        num = num + num_i * alpha[..., None]
-        z = z + z_i * alpha
+        if num is None:
+            num, z = num_i * alpha[..., None], z_i * alpha
+        elif torch.is_grad_enabled():
+            num, z = num + num_i * alpha[..., None], z + z_i * alpha
+        else:  # in place: one (B, H, N, D) buffer less
+            num.addcmul_(num_i, alpha[..., None])
+            z.addcmul_(z_i, alpha)
     return m, num, z
 
 
 def _merge(parts):
     """Combine partial softmaxes over disjoint key sets into one softmax output."""
     _, num, z = _combine(parts)
-    return num / torch.where(z > 0, z, torch.ones_like(z))[..., None]
+    z = torch.where(z > 0, z, torch.ones_like(z))[..., None]
+    return num / z if torch.is_grad_enabled() else num.div_(z)
 
 
 def _segments(x, seg, n_seg):
-    """(B, H, N, D) -> (B, H, n_seg, seg, D), zero-padding the tail."""
+    """(B, H, N, D) -> (B, H, n_seg, seg, D), zero-padding the tail (a view when there is none)."""
     B, H, N, D = x.shape
-    return F.pad(x, (0, 0, 0, n_seg * seg - N)).view(B, H, n_seg, seg, D)
+    return (F.pad(x, (0, 0, 0, n_seg * seg - N)) if n_seg * seg > N else x).reshape(B, H, n_seg, seg, D)
 
 
 def _windows(x, left, right, size, step):
-    """Overlapping windows along dim 2 of (B, H, N, D): (B, H, n_win, size, D)."""
-    return F.pad(x, (0, 0, left, right)).unfold(2, size, step).transpose(-1, -2)
+    """Overlapping windows along dim 2 of (B, H, N, D): (B, H, n_win, size, D), a view of x when unpadded."""
+    return (F.pad(x, (0, 0, left, right)) if left or right else x).unfold(2, size, step).transpose(-1, -2)
 
 
 def _local_bidirectional(q, k, v, pad, w, scale):
@@ -167,28 +173,36 @@ def _local_bidirectional(q, k, v, pad, w, scale):
     return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
 
 
+def _causal_windows(q, k, v, pad, lo, hi, seg, w, scale, masked):
+    """Partial softmax of the queries of segments lo .. hi - 1 (seg queries each) over their causal windows,
+    with only the keys they reach (positions lo * seg - w + 1 .. hi * seg - 1) padded or copied."""
+    N = q.shape[2]
+    size, a, b = seg + w - 1, lo * seg - (w - 1), hi * seg
+    left, right = max(-a, 0), max(b - N, 0)
+    q_seg = _segments(q[:, :, lo * seg:b], seg, hi - lo)  # (B, H, S, seg, D)
+    k_win = _windows(k[:, :, max(a, 0):b], left, right, size, seg)  # (B, H, S, seg + w - 1, D): keys t - w + 1 .. t
+    v_win = _windows(v[:, :, max(a, 0):b], left, right, size, seg)
+    i = torch.arange(seg, device=q.device)[:, None]
+    u = torch.arange(size, device=q.device)[None, :]
+    visible = (u >= i) & (u < i + w)  # (seg, seg + w - 1): query i of a segment sees keys i .. i + w - 1
+    if masked:
+        key_pad = F.pad(pad[:, max(a, 0):b], (left, right), value=True).unfold(1, size, seg)  # (B, S, size)
+        visible = visible & ~key_pad[:, None, :, None, :]
+    return _partial(q_seg, k_win, v_win, visible, scale)
+
+
 def _local_causal(q, k, v, pad, w, scale):
     B, H, N, D = q.shape
     w = min(w, N)  # a window longer than the sequence is plain causal attention
     seg = min(w, _CAUSAL_SEGMENT) if _fused(q) else w  # queries per segment
     n_seg = -(-N // seg)
-    size, tail = seg + w - 1, n_seg * seg - N
-    q_seg = _segments(q, seg, n_seg)  # (B, H, S, seg, D)
-    k_win = _windows(k, w - 1, tail, size, seg)  # (B, H, S, seg + w - 1, D): keys t - w + 1 .. t
-    v_win = _windows(v, w - 1, tail, size, seg)
-    key_pad = F.pad(pad, (w - 1, tail), value=True).unfold(1, size, seg)  # (B, S, seg + w - 1)
-    i = torch.arange(seg, device=q.device)[:, None]
-    u = torch.arange(size, device=q.device)[None, :]
-    band = (u >= i) & (u < i + w)  # (seg, seg + w - 1): query i of a segment sees keys i .. i + w - 1
-    # only segments whose windows start before position 0, or hold padded keys, need a per-segment mask
-    # (keys past N are seen only by queries past N); the fused path leaves the others with the band alone
-    edge = n_seg if not _fused(q) or pad.any() else min(n_seg, -(-(w - 1) // seg))
-    parts = []
-    if edge > 0:
-        parts.append(_partial(q_seg[:, :, :edge], k_win[:, :, :edge], v_win[:, :, :edge],
-                              band & ~key_pad[:, None, :edge, None, :], scale))  # mask (B, 1, edge, seg, size)
-    if edge < n_seg:
-        parts.append(_partial(q_seg[:, :, edge:], k_win[:, :, edge:], v_win[:, :, edge:], band, scale))
+    if not _fused(q) or pad.any():
+        spans = [(0, n_seg, True)]
+    else:  # only windows that start before position 0 need a mask (keys past N are seen only past N)
+        edge = min(n_seg, -(-(w - 1) // seg))
+        last = max(edge, n_seg - 1 if N % seg else n_seg)  # a partial last segment pads its own window
+        spans = [(0, edge, True), (edge, last, False), (last, n_seg, False)]
+    parts = [_causal_windows(q, k, v, pad, lo, hi, seg, w, scale, masked) for lo, hi, masked in spans if hi > lo]
     m, num, z = (torch.cat(x, 2) if len(parts) > 1 else x[0] for x in zip(*parts))
     return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
 
@@ -274,5 +288,7 @@ def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_glo
         parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), pad, window, scale))
     if not parts:  # causal projection-only with no full chunk: nothing is visible
         return torch.where(torch.zeros_like(pad)[:, None, :, None], q, 0.0)
-    out = _merge(parts).masked_fill(pad[:, None, :, None], 0.0)
+    out = _merge(parts)
+    if key_padding_mask is not None:
+        out = out.masked_fill(pad[:, None, :, None], 0.0)
     return out.to(q.dtype)
