@@ -689,11 +689,10 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
                           key_padding_mask, scale, eps, backend)
     chunk = int(chunk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not _use_triton(q, backend):
-        return ls_attention_torch(q, k, v, proj, window=window, causal=causal, chunk=chunk, ln_local=ln_local,
-                                  ln_global=ln_global, project_after_ln=project_after_ln,
-                                  key_padding_mask=key_padding_mask, scale=scale, eps=float(eps))
-    lnl = ln_local if ln_local is not None else (None, None)
-    lng = ln_global if ln_global is not None else (None, None)
-    return LSAttentionFunction.apply(q, k, v, proj, *lnl, *lng, window, causal, chunk, project_after_ln,
-                                     key_padding_mask, scale, float(eps))
+    # through the torch.library ops of ops.py (one opaque node each under torch.compile)
+    return _ops.attention(q, k, v, proj, ln_local, ln_global, key_padding_mask, window, causal, chunk,
+                          bool(project_after_ln), scale, float(eps), _use_triton(q, backend))
+
+
+# the custom ops call the launchers above; imported last because ops.py imports from this module
+from . import ops as _ops  # noqa: E402
