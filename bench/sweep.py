@@ -1,0 +1,351 @@
+"""Time and peak memory of long-short attention against full attention, sequence length doubling
+until the memory budget runs out: the paper's Figure 3 (Zhu et al. 2021), on your hardware.
+
+    python bench/sweep.py                      # char-LM config, every method, fwd and fwd+bwd
+    python bench/sweep.py --preset lra         # LRA config (rows are added to the same CSV)
+    python bench/sweep.py --quick              # a small sweep, < 3 minutes on a 2-core CPU
+    python bench/plot.py                       # figures and README tables from the CSV
+
+Each point (method, mode, batch, seqlen) runs in its own child process under a hard memory
+limit: on CUDA torch.cuda.set_per_process_memory_fraction (so a larger GPU behaves like one
+of the budget's size), on CPU RLIMIT_AS set to the child's address space after imports plus
+the budget (a failed allocation raises). Running out gives status "oom", running past the
+time limit "timeout"; either ends that curve. Times: median, p20, p80 of the timed repeats
+after warm-up (CUDA events on GPU). Peak memory, inputs included: torch.cuda.max_memory_allocated
+on GPU; on CPU the child's peak resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs
+after warm-up) above the resident set just before the timed repeats, plus the inputs' bytes,
+with malloc returning every block of 64 KiB or more to the OS when freed.
+"""
+import argparse
+import ctypes
+import datetime
+import multiprocessing
+import os
+import resource
+import sys
+import time
+import warnings
+
+# OpenMP threads that spin while waiting stall every op for a time slice when another process holds a
+# core (measured here: 6 ms -> 290 ms per call on a shared 2-core machine); sleep instead. Read when
+# libgomp loads, so before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flex_ls import ls_flex  # noqa: E402
+from ls_kernels import blocked, ls_attention  # noqa: E402
+
+GiB, MiB = 2 ** 30, 2 ** 20
+METHODS = ["ls", "ls_torch", "full_naive", "full_sdpa", "flex"]
+MODES = ["fwd", "fwd+bwd"]
+PRESETS = {  # the paper's char-level LM (causal) and Long Range Arena (bidirectional) attention
+    "charlm": dict(causal=True, heads=8, dim=64, window=512, chunk=16, rank=1, project_after_ln=False),
+    "lra": dict(causal=False, heads=2, dim=32, window=8, chunk=16, rank=32, project_after_ln=True),
+}
+COLUMNS = ["method", "mode", "batch", "seqlen", "config", "metric", "unit", "median", "p20", "p80", "status",
+           "device", "threads", "budget_gib", "torch", "triton", "date", "note"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- child process: one point
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def _limit_cpu_memory(budget, threads):
+    """Threads and malloc settled first, then RLIMIT_AS = address space now + budget."""
+    torch.set_num_threads(threads)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped, unmapped when freed
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool and its arenas
+    resource.setrlimit(resource.RLIMIT_AS, (_status_kb("VmSize") + budget, resource.RLIM_INFINITY))
+
+
+def _is_oom(e):
+    msg = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+        s in msg for s in ("can't allocate memory", "cannot allocate memory", "bad_alloc", "out of memory"))
+
+
+def _naive(q, k, v, causal):
+    """softmax(Q K^T / sqrt(D)) V with the (N, N) scores materialized, as Transformer-XL computes it."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        N = q.shape[2]
+        s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def build(p):
+    """The step to time (forward, or forward + backward) and the bytes of its inputs."""
+    dev, dt, grad = torch.device(p["device"]), DTYPES[p["dtype"]], p["mode"] == "fwd+bwd"
+    B, N, H, D, r = p["batch"], p["seqlen"], p["heads"], p["dim"], p["rank"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, device=dev) * s).to(dt)  # noqa: E731
+    q, k, v = rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)
+    leaves = [q, k, v]
+    if p["method"] in ("full_naive", "full_sdpa"):
+        if p["method"] == "full_naive":
+            fwd = lambda: _naive(q, k, v, p["causal"])  # noqa: E731
+        else:
+            fwd = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=p["causal"])  # noqa: E731
+    else:
+        proj = rand(B, H, N, r) if r else None
+        ln_l, ln_g = (1 + rand(D, s=0.1), rand(D, s=0.1)), (1 + rand(D, s=0.1), rand(D, s=0.1))
+        leaves += [x for x in (proj, *ln_l, *ln_g) if x is not None]
+        kw = dict(window=p["window"], causal=p["causal"], chunk=p["chunk"], ln_local=ln_l, ln_global=ln_g,
+                  project_after_ln=p["project_after_ln"])
+        if p["method"] == "flex":
+            fwd = lambda: ls_flex(q, k, v, proj, **kw)  # noqa: E731
+        else:
+            blocked.FUSED_CPU = p["method"] == "ls"  # ls_torch: the unfused blocked path on every device
+            backend = "auto" if p["method"] == "ls" else "torch"
+            fwd = lambda: ls_attention(q, k, v, proj, backend=backend, **kw)  # noqa: E731
+    if not grad:
+        def step():
+            with torch.no_grad():
+                fwd()
+        return step, sum(x.numel() * x.element_size() for x in leaves)
+    for x in leaves:
+        x.requires_grad_()
+    dout = rand(B, H, N, D)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fwd().backward(dout)
+    return step, sum(x.numel() * x.element_size() for x in leaves + [dout])
+
+
+def measure(p):
+    """Run one point in this (child) process; returns status, times (s), peak memory (bytes), note."""
+    start = time.monotonic()
+    warnings.filterwarnings("ignore")
+    cuda = p["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, p["budget"] / torch.cuda.get_device_properties(0).total_memory))
+    else:
+        _limit_cpu_memory(p["budget"], p["threads"])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    try:
+        step, in_bytes = build(p)
+        for _ in range(p["warmup"]):
+            t0 = time.monotonic()
+            step()
+            sync()
+            t_warm = time.monotonic() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            rss0 = _status_kb("VmRSS")
+        times = []
+        for i in range(p["repeats"]):  # stop early when the next repeat would pass 90% of the time limit
+            if i > 0 and time.monotonic() - start + np.median(times) > 0.9 * p["time_limit"]:
+                break
+            if cuda:
+                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev[0].record()
+                step()
+                ev[1].record()
+                sync()
+                times.append(ev[0].elapsed_time(ev[1]) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") - rss0 + in_bytes
+        return dict(status="ok", times=times, peak=peak, note=f"{len(times)} repeats, warm-up {t_warm:.3g} s")
+    except Exception as e:  # noqa: BLE001: every failure is a data point
+        return dict(status="oom" if _is_oom(e) else "error", note=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _child(p, conn):
+    conn.send(measure(p))
+    conn.close()
+
+
+def run_point(p):
+    """measure(p) in a child process: fork on CPU (torch is already imported), spawn on CUDA."""
+    ctx = multiprocessing.get_context("spawn" if p["device"] == "cuda" else "fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(p, send))
+    proc.start()
+    send.close()
+    try:
+        result = recv.recv() if recv.poll(p["time_limit"]) else None
+        timed_out = result is None
+    except EOFError:  # the child died without a result
+        result, timed_out = None, False
+    if result is None:
+        proc.kill()
+    proc.join()
+    if result is not None:
+        return result
+    if timed_out:
+        return dict(status="timeout", note=f"no result after {p['time_limit']:.0f} s")
+    if proc.exitcode == -9:
+        return dict(status="oom", note="killed by SIGKILL (the kernel's OOM killer?)")
+    return dict(status="error", note=f"child exited with code {proc.exitcode}")
+
+
+# ----------------------------------------------------------------------------- parent: the sweep
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def config_name(a, preset):
+    return (f"{preset} {'causal' if a.causal else 'bidir'} H={a.heads} D={a.dim} w={a.window} l={a.chunk} "
+            f"r={a.rank}{' ln-first' if a.project_after_ln else ''} {a.dtype}")
+
+
+def rows_for(p, res, common):
+    base = dict(common, method=p["method"], mode=p["mode"], batch=p["batch"], seqlen=p["seqlen"],
+                status=res["status"], note=res.get("note", ""))
+    t = np.percentile(res["times"], [50, 20, 80]) if res["status"] == "ok" else [np.nan] * 3
+    m = [res["peak"] / MiB] * 3 if res["status"] == "ok" else [np.nan] * 3
+    return [dict(base, metric="time", unit="s", median=t[0], p20=t[1], p80=t[2]),
+            dict(base, metric="peak_memory", unit="MiB", median=m[0], p20=m[1], p80=m[2])]
+
+
+def skip_reason(method, mode, device):
+    if method == "flex" and mode == "fwd+bwd" and device == "cpu":
+        return "FlexAttention has no backward on CPU (NotImplementedError)"
+    return None
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog="Defaults in [] depend on the device (and on --quick).")
+    p.add_argument("--preset", choices=list(PRESETS), nargs="+", default=["charlm"],
+                   help="attention config(s): charlm = causal H=8 D=64 w=512 chunk=16 r=1; "
+                        "lra = bidirectional H=2 D=32 w=8 r=32, projection after LN_L (default: charlm)")
+    for name, kind, what in [("heads", int, "H"), ("dim", int, "head dim D"), ("window", int, "window w"),
+                             ("chunk", int, "causal chunk length l"), ("rank", int, "projected length r (0: none)")]:
+        p.add_argument(f"--{name}", type=kind, help=f"override the preset's {what}")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, help="override the preset's causality")
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="[all; --quick: ls full_naive full_sdpa] ls: ls_attention backend='auto' (Triton on CUDA, the blocked path with ATen's fused CPU "
+                        "kernel on CPU); ls_torch: the blocked path with materialized scores (unfused); full_naive: "
+                        "softmax(QK^T)V with the scores materialized; full_sdpa: scaled_dot_product_attention; "
+                        "flex: compiled FlexAttention with the same long-short semantics")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
+                   help="fwd: forward under no_grad; fwd+bwd: forward and backward of every input (default: both)")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes, one curve each [CUDA: 1 2 4 8 16; CPU: 1 4]")
+    p.add_argument("--min-seqlen", type=int, default=256, help="first sequence length, doubled from there (default: 256)")
+    p.add_argument("--max-seqlen", type=int, help="last sequence length [CUDA: 2^20; CPU: 65536]")
+    p.add_argument("--memory-budget", type=float,
+                   help="GiB per point, inputs included [CUDA: 32; CPU: min(32, a quarter of RAM)]")
+    p.add_argument("--time-limit", type=float, help="seconds per point, start-up and compilation included "
+                                                    "[CUDA: 120; CPU: 30]")
+    p.add_argument("--repeats", type=int, help="timed repeats per point (fewer if the time limit is near) "
+                                               "[CUDA: 10; CPU: 3]")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing [CUDA: 3; CPU: 1]")
+    p.add_argument("--dtype", choices=list(DTYPES), help="[CUDA: fp16; CPU: fp32]")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu",
+                   help="(default: cuda when available)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help=f"CPU threads per point (default: torch's, here {torch.get_num_threads()})")
+    p.add_argument("--out", help="CSV to write; rows of other configs/curves already in it are kept "
+                                 "[plots/sweep_<device>.csv, plots/sweep_<device>_quick.csv with --quick]")
+    p.add_argument("--quick", action="store_true",
+                   help="small sweep for a smoke test: charlm, batch 1, ls/full_naive/full_sdpa, N 256..8192, "
+                        "256 MiB budget, 20 s limit, 2 repeats; flags given explicitly still win")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not cuda:
+        p.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    gpu = a.device == "cuda"
+    quick = dict(batches=[1], max_seqlen=8192, memory_budget=0.25, time_limit=20, repeats=2, warmup=1)
+    defaults = dict(batches=[1, 2, 4, 8, 16] if gpu else [1, 4], max_seqlen=2 ** 20 if gpu else 65536,
+                    memory_budget=32.0 if gpu else min(32.0, mem_total / GiB / 4), time_limit=120 if gpu else 30,
+                    repeats=10 if gpu else 3, warmup=3 if gpu else 1, dtype="fp16" if gpu else "fp32")
+    for key, value in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, quick.get(key, value) if a.quick else value)
+    if a.methods is None:
+        a.methods = ["ls", "full_naive", "full_sdpa"] if a.quick else METHODS
+    checks = [(min(a.batches) >= 1, "--batches must be >= 1"), (a.min_seqlen >= 1, "--min-seqlen must be >= 1"),
+              (a.max_seqlen >= a.min_seqlen, "--max-seqlen must be >= --min-seqlen"),
+              (a.memory_budget > 0, "--memory-budget must be > 0"), (a.time_limit > 0, "--time-limit must be > 0"),
+              (a.repeats >= 1, "--repeats must be >= 1"), (a.warmup >= 1, "--warmup must be >= 1"),
+              (a.threads >= 1, "--threads must be >= 1"),
+              (all(getattr(a, n) is None or getattr(a, n) >= 0 for n in ("window", "rank")), "--window/--rank >= 0"),
+              (all(getattr(a, n) is None or getattr(a, n) >= 1 for n in ("heads", "dim", "chunk")),
+               "--heads/--dim/--chunk must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    if a.out is None:
+        a.out = os.path.join(ROOT, "plots", f"sweep_{a.device}{'_quick' if a.quick else ''}.csv")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common = dict(device=device_name(args.device), threads=args.threads if args.device == "cpu" else np.nan,
+                  budget_gib=args.memory_budget, torch=torch.__version__, triton=triton.__version__,
+                  date=datetime.date.today().isoformat())
+    lengths = [n for n in (args.min_seqlen << i for i in range(40)) if n <= args.max_seqlen]
+    curves = []
+    for preset in args.preset:
+        cfg = argparse.Namespace(**{k: getattr(args, k) if getattr(args, k, None) is not None else v
+                                    for k, v in PRESETS[preset].items()}, dtype=args.dtype)
+        if cfg.window == 0 and cfg.rank == 0:
+            sys.exit("error: --window 0 and --rank 0 leave long-short attention nothing to attend to")
+        for mode in args.modes:
+            for method in args.methods:
+                reason = skip_reason(method, mode, args.device)
+                if reason:
+                    print(f"skipping {method} {mode} on {args.device}: {reason}")
+                    continue
+                curves += [(cfg, config_name(cfg, preset), mode, method, b) for b in args.batches]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    old = pd.read_csv(args.out) if os.path.exists(args.out) else pd.DataFrame(columns=COLUMNS)
+    redo = {(c[1], c[3], c[2], c[4]) for c in curves}
+    keep = [(cf, me, mo, b) not in redo for cf, me, mo, b in zip(old.config, old.method, old["mode"], old.batch)]
+    rows = old[keep].to_dict("records")
+    print(f"{len(curves)} curves, N = {lengths[0]} .. {lengths[-1]}, budget {args.memory_budget:.3g} GiB, "
+          f"time limit {args.time_limit:.0f} s per point, {common['device']} -> {args.out}")
+    tqdm.monitor_interval = 0  # no monitor thread: children are forked
+    with tqdm(total=len(curves) * len(lengths), unit="pt") as bar:
+        for cfg, cname, mode, method, batch in curves:
+            for i, n in enumerate(lengths):
+                bar.set_description(f"{cname.split()[0]} {method} {mode} B={batch} N={n}")
+                p = dict(vars(cfg), config=cname, method=method, mode=mode, batch=batch, seqlen=n,
+                         device=args.device, budget=int(args.memory_budget * GiB), time_limit=args.time_limit,
+                         repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+                res = run_point(p)
+                rows += rows_for(p, res, dict(common, config=cname))
+                pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+                bar.update(1)
+                if res["status"] != "ok":
+                    bar.write(f"{cname.split()[0]} {method} {mode} B={batch}: {res['status']} at N={n} "
+                              f"({res.get('note', '')[:120]})")
+                    bar.update(len(lengths) - i - 1)
+                    break
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

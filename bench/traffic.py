@@ -1,0 +1,117 @@
+"""Memory traffic of the fused Triton kernels, counted under Triton's CPU interpreter (no GPU needed).
+
+Every tl.load and tl.store the kernels issue is counted, in bytes of the elements its mask lets
+through, by wrapping the interpreter's masked load and store; kernels launch with the tile sizes
+they use on a GPU (not the interpreter's). Compared with the minimum: the forward reads q, k, v,
+proj once and writes o once; the backward reads q, k, v, proj, dO once and writes dq, dk, dv,
+dproj once. Loads are counted as issued, so a re-read that a GPU's L2 would serve counts too:
+an upper bound on DRAM traffic at these tiles. PyTorch glue between the kernels (rowsum(dO * O),
+the LN_G backward on the small projected tensors, sums of per-block partials) is not counted.
+
+    python bench/traffic.py [--seqlen 2048] [--dtype fp16] [--preset charlm lra]
+"""
+import argparse
+import collections
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+import torch  # noqa: E402
+import triton.runtime.interpreter as interp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ls_kernels import long_short, ls_attention  # noqa: E402
+
+PRESETS = {  # as bench/sweep.py
+    "charlm": dict(causal=True, heads=8, dim=64, window=512, chunk=16, rank=1, project_after_ln=False),
+    "lra": dict(causal=False, heads=2, dim=32, window=8, chunk=16, rank=32, project_after_ln=True),
+}
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+COUNT = collections.Counter()  # kernel name -> bytes
+_kernel = ["?"]
+
+
+def _count_loads_and_stores():
+    builder, grid = interp.InterpreterBuilder, interp.GridExecutor
+    load, store, call = builder.create_masked_load, builder.create_masked_store, grid.__call__
+
+    def masked_load(self, ptrs, mask, other, *args):
+        COUNT[_kernel[0]] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return load(self, ptrs, mask, other, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        COUNT[_kernel[0]] += int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+        return store(self, ptrs, value, mask, *args)
+
+    def launch(self, *args, **kwargs):
+        _kernel[0] = self.fn.__name__
+        return call(self, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store, grid.__call__ = masked_load, masked_store, launch
+
+
+def _gpu_tiles():
+    """Launch with the tile sizes the kernels use on a GPU, not the interpreter's."""
+    def on_gpu(fn):
+        def config(*args):
+            long_short.INTERPRET = False
+            try:
+                return fn(*args)
+            finally:
+                long_short.INTERPRET = True
+        return config
+    long_short._fwd_config, long_short._bwd_config = on_gpu(long_short._fwd_config), on_gpu(long_short._bwd_config)
+
+
+def nbytes(*xs):
+    return sum(x.numel() * x.element_size() for x in xs if x is not None)
+
+
+def measure(preset, N, dtype, batch=1):
+    """{pass: (per-kernel bytes, minimum bytes)} for one forward and one backward."""
+    c = PRESETS[preset]
+    g = torch.Generator().manual_seed(0)
+    H, D = c["heads"], c["dim"]
+    rand = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v, proj = rand(batch, H, N, D), rand(batch, H, N, D), rand(batch, H, N, D), rand(batch, H, N, c["rank"])
+    ln = lambda: (torch.ones(D, requires_grad=True), torch.zeros(D, requires_grad=True))  # noqa: E731
+    kw = dict(window=c["window"], causal=c["causal"], chunk=c["chunk"], ln_local=ln(), ln_global=ln(),
+              project_after_ln=c["project_after_ln"], backend="triton")
+    COUNT.clear()
+    with torch.no_grad():  # inference; with autograd fp16 forwards also store an fp32 copy of O
+        out = ls_attention(q, k, v, proj, **kw)
+    fwd = dict(COUNT)
+    out = ls_attention(q, k, v, proj, **kw)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    COUNT.clear()
+    out.backward(dout)
+    bwd = dict(COUNT)
+    return {"forward": (fwd, nbytes(q, k, v, proj, out)),
+            "backward": (bwd, nbytes(q, k, v, proj, dout, q.grad, k.grad, v.grad, proj.grad))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--preset", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    ap.add_argument("--seqlen", type=int, default=2048, help="N (default: 2048; batch 1)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="(default: fp16)")
+    a = ap.parse_args(argv)
+    if a.seqlen < 1:
+        ap.error("--seqlen must be >= 1")
+    _count_loads_and_stores()
+    _gpu_tiles()
+    rows = []
+    for preset in a.preset:
+        for phase, (kernels, minimum) in measure(preset, a.seqlen, DTYPES[a.dtype]).items():
+            total = sum(kernels.values())
+            detail = ", ".join(f"{k.strip('_')} {v / a.seqlen:.0f}" for k, v in kernels.items())
+            rows.append(f"| {preset} | {phase} | {total / a.seqlen:.0f} | {minimum / a.seqlen:.0f} | "
+                        f"{total / minimum:.2f} | {detail} |")
+    print(f"Bytes per token, N = {a.seqlen}, batch 1, {a.dtype}, GPU tile sizes, Triton interpreter\n")
+    print("| preset | pass | kernels' loads + stores | minimum | ratio | per kernel |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
