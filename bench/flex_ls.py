@@ -4,7 +4,10 @@ Keys and values are [LN_L(k) ; Kg] and [LN_L(v) ; Vg], KV length N + G, where Kg
 are the projected keys and values (G = r bidirectional, (N // chunk) * r causal). A
 mask_mod gives each query its window (SPEC.md) and the projected vectors it may see
 (causal: vector j of chunk j // r is visible to query t iff j // r < t // chunk).
-LN_L and the projection run in plain PyTorch; only flex_attention is compiled.
+LN_L and the projection run in plain PyTorch; only flex_attention is compiled, with
+dynamic shapes, so that inductor's on-disk cache serves every N and batch size after the
+first compilation (the sweep compiles in a fresh process per point). The BlockMask is
+built from each query's key intervals, without evaluating the (N, N + G) mask.
 Same semantics as ``ls_attention`` without a key padding mask.
 """
 import functools
@@ -12,7 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def _ln(x, ln, eps):
@@ -58,11 +61,53 @@ def ls_mask_mod(N, window, causal, chunk, r):
     return mask_mod
 
 
+def _intervals(N, G, window, causal, chunk, r):
+    """Per query t: its window keys [lo, hi) and its projected keys [N, gh), as KV positions."""
+    t = torch.arange(N)
+    half = max(window // 2, 1)
+    if window == 0:
+        lo = hi = torch.zeros_like(t)
+    elif causal:
+        lo, hi = (t - window + 1).clamp(min=0), t + 1
+    else:
+        start = t // window * window
+        lo, hi = (start - half).clamp(min=0), (start + window + half).clamp(max=N)
+    gh = N + (t // chunk * r).clamp(max=G) if causal else torch.full_like(t, N + G)
+    return lo, hi, gh
+
+
 @functools.lru_cache(maxsize=4)
-def block_mask(N, G, window, causal, chunk, r, device):
-    """The BlockMask; compiled when large, so the dense (N, N + G) mask is never materialized."""
-    return create_block_mask(ls_mask_mod(N, window, causal, chunk, r), None, None, N, N + G,
-                             device=device, _compile=N * (N + G) > 1 << 24)
+def block_mask(N, G, window, causal, chunk, r, device, BLOCK=128):
+    """The BlockMask, built from each query's key intervals without evaluating the (N, N + G) mask.
+
+    Both interval ends grow with t, so a block of queries [a, b) and keys [c, d) sees some key iff
+    the first query t >= a whose interval ends after c is in the block and starts before d, and sees
+    every key iff the last query's interval starts at or before c and the first's ends at or after d.
+    """
+    lo, hi, gh = _intervals(N, G, window, causal, chunk, r)
+    a = torch.arange(0, N, BLOCK)
+    b = (a + BLOCK).clamp(max=N)
+    c = torch.arange(0, N + G, BLOCK)
+    d = (c + BLOCK).clamp(max=N + G)
+
+    def any_full(L, U, c, d):
+        first = torch.maximum(a[:, None], torch.searchsorted(U, c, right=True)[None, :])
+        some = (first < b[:, None]) & (L[first.clamp(max=N - 1)] < d) & (c < d)
+        every = ((L[b - 1][:, None] <= c) & (U[a][:, None] >= d)) | (c >= d)
+        return some, every
+
+    some_l, every_l = any_full(lo, hi, c.clamp(max=N), d.clamp(max=N))
+    some_g, every_g = any_full(torch.full_like(gh, N), gh, c.clamp(min=N), d.clamp(min=N))
+    complete = ((b - a) == BLOCK)[:, None] & ((d - c) == BLOCK)
+    full = every_l & every_g & complete
+    partial = (some_l | some_g) & ~full
+
+    def blocks(m):  # counts (1, 1, n_q) and indices (1, 1, n_q, n_kv), the listed blocks first
+        return (m.sum(-1).to(torch.int32)[None, None].to(device),
+                torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None].to(device))
+
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=BLOCK,
+                                    mask_mod=ls_mask_mod(N, window, causal, chunk, r), seq_lengths=(N, N + G))
 
 
 _compiled = {"fn": None, "shape": None}
@@ -73,7 +118,7 @@ def compiled_flex(key):
     otherwise dynamo's recompile limit is hit after a few shapes and it silently runs eager."""
     if _compiled["shape"] != key:
         torch._dynamo.reset()
-        _compiled["fn"], _compiled["shape"] = torch.compile(flex_attention, dynamic=False), key
+        _compiled["fn"], _compiled["shape"] = torch.compile(flex_attention, dynamic=True), key
     return _compiled["fn"]
 
 

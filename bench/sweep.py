@@ -10,7 +10,8 @@ Each point (method, mode, batch, seqlen) runs in its own child process under a h
 limit: on CUDA torch.cuda.set_per_process_memory_fraction (so a larger GPU behaves like one
 of the budget's size), on CPU RLIMIT_AS set to the child's address space after imports plus
 the budget (a failed allocation raises). Running out gives status "oom", running past the
-time limit "timeout"; either ends that curve. Times: median, p20, p80 of the timed repeats
+time limit (or being predicted to, from the curve's last two points: --no-predict runs it
+anyway) "timeout"; either ends that curve. Times: median, p20, p80 of the timed repeats
 after warm-up (CUDA events on GPU). Peak memory, inputs included: torch.cuda.max_memory_allocated
 on GPU; on CPU the child's peak resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs
 after warm-up) above the resident set just before the timed repeats, plus the inputs' bytes,
@@ -104,7 +105,8 @@ def build(p):
             fwd = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=p["causal"])  # noqa: E731
     else:
         proj = rand(B, H, N, r) if r else None
-        ln_l, ln_g = (1 + rand(D, s=0.1), rand(D, s=0.1)), (1 + rand(D, s=0.1), rand(D, s=0.1))
+        ln = lambda: (1 + rand(D, s=0.1).float(), rand(D, s=0.1).float())  # noqa: E731  (fp32, as under AMP)
+        ln_l, ln_g = ln(), ln()
         leaves += [x for x in (proj, *ln_l, *ln_g) if x is not None]
         kw = dict(window=p["window"], causal=p["causal"], chunk=p["chunk"], ln_local=ln_l, ln_global=ln_g,
                   project_after_ln=p["project_after_ln"])
@@ -142,11 +144,11 @@ def measure(p):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
         step, in_bytes = build(p)
-        for _ in range(p["warmup"]):
+        for i in range(p["warmup"]):
             t0 = time.monotonic()
             step()
             sync()
-            t_warm = time.monotonic() - t0
+            first = time.monotonic() - t0 if i == 0 else first  # compilation included
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
@@ -169,12 +171,14 @@ def measure(p):
                 step()
                 times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") - rss0 + in_bytes
-        return dict(status="ok", times=times, peak=peak, note=f"{len(times)} repeats, warm-up {t_warm:.3g} s")
+        return dict(status="ok", times=times, peak=peak, first=first,
+                    note=f"{len(times)} repeats; first call {first:.3g} s")
     except Exception as e:  # noqa: BLE001: every failure is a data point
         return dict(status="oom" if _is_oom(e) else "error", note=f"{type(e).__name__}: {str(e)[:300]}")
 
 
 def _child(p, conn):
+    ctypes.CDLL("libc.so.6").prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL when the sweep dies
     conn.send(measure(p))
     conn.close()
 
@@ -227,6 +231,17 @@ def rows_for(p, res, common):
             dict(base, metric="peak_memory", unit="MiB", median=m[0], p20=m[1], p80=m[2])]
 
 
+def predicted_seconds(history, p):
+    """Seconds the next point should take (first call, warm-up and one repeat), from the curve's last two
+    points: time per call times its growth per doubling (at least 2, linear), plus the last first call's
+    excess (compilation). 0 with fewer than two points."""
+    if len(history) < 2:
+        return 0.0, 0.0
+    (_, t0, _), (_, t1, first) = history[-2:]
+    growth = min(max(t1 / t0, 2.0), 8.0)
+    return max(first - t1, 0.0) + (p["warmup"] + 1) * t1 * growth, growth
+
+
 def skip_reason(method, mode, device):
     if method == "flex" and mode == "fwd+bwd" and device == "cpu":
         return "FlexAttention has no backward on CPU (NotImplementedError)"
@@ -259,6 +274,9 @@ def parse_args(argv=None):
                    help="GiB per point, inputs included [CUDA: 32; CPU: min(32, a quarter of RAM)]")
     p.add_argument("--time-limit", type=float, help="seconds per point, start-up and compilation included "
                                                     "[CUDA: 120; CPU: 30]")
+    p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
+                   help="end a curve without running its next point when the last two points predict that it "
+                        "would pass the time limit (status timeout, note 'not run: predicted ...') (default: on)")
     p.add_argument("--repeats", type=int, help="timed repeats per point (fewer if the time limit is near) "
                                                "[CUDA: 10; CPU: 3]")
     p.add_argument("--warmup", type=int, help="untimed calls before timing [CUDA: 3; CPU: 1]")
@@ -330,12 +348,21 @@ def main(argv=None):
     tqdm.monitor_interval = 0  # no monitor thread: children are forked
     with tqdm(total=len(curves) * len(lengths), unit="pt") as bar:
         for cfg, cname, mode, method, batch in curves:
+            history = []  # (N, median s per call, first call s) of the curve's points so far
             for i, n in enumerate(lengths):
                 bar.set_description(f"{cname.split()[0]} {method} {mode} B={batch} N={n}")
                 p = dict(vars(cfg), config=cname, method=method, mode=mode, batch=batch, seqlen=n,
                          device=args.device, budget=int(args.memory_budget * GiB), time_limit=args.time_limit,
                          repeats=args.repeats, warmup=args.warmup, threads=args.threads)
-                res = run_point(p)
+                need, growth = predicted_seconds(history, p)
+                if args.predict and need > args.time_limit:
+                    res = dict(status="timeout", note=f"not run: predicted {need:.0f} s > {args.time_limit:.0f} s "
+                                                      f"({history[-1][1]:.3g} s per call at N={history[-1][0]}, "
+                                                      f"x{growth:.1f} per doubling)")
+                else:
+                    res = run_point(p)
+                if res["status"] == "ok":
+                    history.append((n, float(np.median(res["times"])), res["first"]))
                 rows += rows_for(p, res, dict(common, config=cname))
                 pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
                 bar.update(1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from flex_ls import ls_flex, ls_mask_mod  # noqa: E402
+from flex_ls import block_mask, ls_flex, ls_mask_mod  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 
 from ls_kernels import ls_attention  # noqa: E402
 
@@ -65,3 +66,26 @@ def test_mask_mod_visibility():
     assert bidir(0, 0, t(10), t(4)) and bidir(0, 0, t(10), t(19))
     assert not bidir(0, 0, t(10), t(3)) and not bidir(0, 0, t(10), t(20))
     assert bidir(0, 0, t(0), t(N + r - 1))
+
+
+def _blocks(bm):
+    """(partial, full) block patterns of a BlockMask as dense bool (n_q, n_kv)."""
+    out = []
+    for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        m = torch.zeros(idx.shape[-2:], dtype=torch.bool)
+        for i in range(m.shape[0]):
+            m[i, idx[0, 0, i, :num[0, 0, i]].long()] = True
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("N, w, causal, chunk, r", [
+    (1024, 512, True, 16, 1), (1024, 8, False, 16, 32), (384, 100, True, 4, 3), (200, 1, False, 16, 5),
+    (640, 0, True, 16, 2), (256, 300, False, 16, 1), (61, 7, True, 4, 1),
+])
+def test_block_mask_equals_create_block_mask(N, w, causal, chunk, r):
+    """The interval-built BlockMask lists the same partial and full blocks as evaluating mask_mod everywhere."""
+    G = N // chunk * r if causal else r
+    expected = create_block_mask(ls_mask_mod(N, w, causal, chunk, r), None, None, N, N + G, device="cpu")
+    for got, exp in zip(_blocks(block_mask(N, G, w, causal, chunk, r, "cpu")), _blocks(expected)):
+        assert torch.equal(got, exp)
