@@ -1,0 +1,264 @@
+"""``LongShortAttention``: the Transformer-LS attention layer (Q/K/V/output projections,
+dynamic projection, DualLN) around the long-short attention op."""
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocked import layer_norm
+from .checks import BACKENDS
+from .long_short import ls_attention
+from .projected import dynamic_projection, ls_attention_projected
+
+DUAL_LN = ("head", "model", None)
+_LN_EPS = 1e-5
+# official LRA AttentionLS parameters (NVIDIA/transformer-ls, lra/attention_transformer_ls.py) -> this layer's
+_OFFICIAL_LRA = {
+    "W_q": "q_proj", "W_k": "k_proj", "W_v": "v_proj", "W_o": "out_proj", "dconv_fc": "dproj",
+    "dual_ln_l": "ln_local", "dual_ln_s": "ln_global",
+}
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LongShortAttention(nn.Module):
+    """Long-short attention layer (Transformer-LS, Zhu et al., NeurIPS 2021).
+
+    ``forward(x, key_padding_mask=None)`` maps x (B, N, E) to (B, N, E): Q, K, V are Linear
+    maps of x split into ``num_heads`` heads of D = E / H channels; the dynamic projection
+    logits are a Linear map of x to H * r channels, head-major (head h owns channels
+    h*r .. h*r + r - 1); each query attends, under one softmax, to its local window
+    (``window``) and to the r projected keys and values of the whole sequence
+    (bidirectional) or of every chunk of ``chunk`` positions before its own (causal);
+    the heads are merged and mapped by the output Linear. See SPEC.md for the exact
+    windows, chunks and padding rules.
+
+    Args:
+        embed_dim: E, the model dim; divisible by ``num_heads``.
+        num_heads: H.
+        window: w >= 0, local segment size (bidirectional: query t sees the keys of its
+            segment floor(t / w) widened by max(w // 2, 1) on each side) or band width
+            (causal: keys t - w + 1 .. t); 0 = projection only.
+        rank: r >= 0, projected keys per sequence (bidirectional) or per chunk (causal);
+            0 = window only. ``window`` and ``rank`` cannot both be 0.
+        causal: autoregressive (True) or bidirectional (False).
+        chunk: l >= 1, causal only: the positions projected together.
+        dual_ln: where DualLN normalises (the paper's LN_L for the window keys and values,
+            LN_G for the projected ones):
+
+            - ``"head"``: per-head LayerNorms over each head's D channels, weights (H, D),
+              fused into the Triton kernels (``ls_attention(ln_local=..., ln_global=...)``).
+            - ``"model"``: LayerNorm(E) on the keys and values before the head split and on
+              the merged projected keys and values, as the official code does; the layer
+              composes ``dynamic_projection`` and ``ls_attention_projected`` for that
+              (``ls_kernels.projected``), still with the fused attention kernels.
+            - ``None``: no normalisation.
+        project_after_ln: what the dynamic projection reads: the LN_L-normalised keys and
+            values (True) or the raw ones (False). None = the official default for the
+            mode: True bidirectional (LRA, vision), False causal (autoregressive).
+        dropout: dropout probability on the attention probabilities, in training mode. NOT
+            in the fused Triton kernels: dropout > 0 needs the blocked PyTorch path
+            (``backend="torch"``, or CPU tensors with ``"auto"``); ``backend="triton"``
+            with dropout > 0 raises ValueError here, and a training-mode forward with
+            dropout > 0 that would run the kernels (``"auto"`` on CUDA) raises
+            ValueError. In eval mode dropout is off and every backend works.
+        bias: whether the Linear maps have biases.
+        backend: "auto" (Triton kernels for CUDA tensors with D <= 128, else the blocked
+            PyTorch path), "triton" or "torch"; as ``ls_attention``.
+
+    ``key_padding_mask`` (B, N) bool, True = padding: padded tokens are never attended
+    to and never projected; their output rows are the output Linear's bias (its input
+    there is zero).
+
+    Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (Linear E -> E),
+    ``dproj`` (Linear E -> H * r; None when r = 0), ``ln_local_weight/bias`` and
+    ``ln_global_weight/bias`` ((H, D) for ``"head"``, (E,) for ``"model"``; None when
+    absent). Autocast: the Linear maps run in the autocast dtype; LayerNorm and softmax
+    statistics (and the dynamic projection) are computed in fp32.
+    """
+
+    def __init__(self, embed_dim, num_heads, *, window, rank, causal=False, chunk=16, dual_ln="head",
+                 project_after_ln=None, dropout=0.0, bias=True, backend="auto"):
+        super().__init__()
+        embed_dim = _check_int("embed_dim", embed_dim, 1)
+        num_heads = _check_int("num_heads", num_heads, 1)
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        window = _check_int("window", window, 0)
+        rank = _check_int("rank", rank, 0)
+        chunk = _check_int("chunk", chunk, 1)
+        if window == 0 and rank == 0:
+            raise ValueError("window and rank are both 0: nothing to attend to; give window > 0, rank > 0, or both")
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be a bool, got {causal!r}")
+        if dual_ln not in DUAL_LN:
+            raise ValueError(f"dual_ln must be one of {DUAL_LN}, got {dual_ln!r}")
+        if project_after_ln is not None and not isinstance(project_after_ln, bool):
+            raise ValueError(f"project_after_ln must be None or a bool, got {project_after_ln!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and dropout > 0:
+            raise ValueError(f"dropout = {dropout} is not supported by the Triton kernels (backend='triton'): "
+                             "use dropout=0, or backend='torch' for dropout on the attention probabilities")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.window, self.rank, self.causal, self.chunk = window, rank, causal, chunk
+        self.dual_ln = dual_ln
+        self.project_after_ln = (not causal) if project_after_ln is None else project_after_ln
+        self.dropout = float(dropout)
+        self.backend = backend
+
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.dproj = nn.Linear(embed_dim, num_heads * rank, bias=bias) if rank > 0 else None
+        shape = {"head": (num_heads, self.head_dim), "model": (embed_dim,), None: None}[dual_ln]
+        for side, present in (("ln_local", shape is not None), ("ln_global", shape is not None and rank > 0)):
+            self.register_parameter(side + "_weight", nn.Parameter(torch.ones(shape)) if present else None)
+            self.register_parameter(side + "_bias", nn.Parameter(torch.zeros(shape)) if present else None)
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, window={self.window}, rank={self.rank}, "
+                f"causal={self.causal}, chunk={self.chunk}, dual_ln={self.dual_ln!r}, "
+                f"project_after_ln={self.project_after_ln}, dropout={self.dropout}, backend={self.backend!r}")
+
+    def _ln(self, side):
+        w = getattr(self, side + "_weight")
+        return None if w is None else (w, getattr(self, side + "_bias"))
+
+    def _ln_model(self, x, side):
+        """LayerNorm over the last dim E of x (..., E), statistics in fp32 (fp64 for fp64)."""
+        w, b = self._ln(side)
+        acc = _acc(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.to(acc), (self.embed_dim,), w.to(acc), b.to(acc), _LN_EPS)
+
+    def _ln_merged_heads(self, t):
+        """LN_G over the E = H * D channels of each projected vector of t (B, H, G, D): the official
+        LayerNorm(E) of the heads merged, computed in place of the merge (fp32 statistics)."""
+        w, b = self._ln("ln_global")
+        acc = _acc(t.dtype)
+        shape = (1, self.num_heads, 1, self.head_dim)
+        t = t.to(acc)
+        mean = t.mean(dim=(1, 3), keepdim=True)
+        var = (t - mean).square().mean(dim=(1, 3), keepdim=True)
+        return (t - mean) * torch.rsqrt(var + _LN_EPS) * w.to(acc).view(shape) + b.to(acc).view(shape)
+
+    def forward(self, x, key_padding_mask=None):
+        """x (B, N, E) -> (B, N, E); key_padding_mask (B, N) bool, True = padding."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, N, embed_dim={self.embed_dim}), got {got}")
+        B, N, E = x.shape
+        H, D, r = self.num_heads, self.head_dim, self.rank
+
+        def heads(t):  # (B, N, E) -> (B, H, N, D)
+            return t.reshape(B, N, H, D).transpose(1, 2)
+
+        q = heads(self.q_proj(x))
+        k, v = self.k_proj(x), self.v_proj(x)
+        proj = self.dproj(x).reshape(B, N, H, r).transpose(1, 2) if r > 0 else None
+        p = self.dropout if self.training else 0.0
+        common = dict(window=self.window, causal=self.causal, chunk=self.chunk, key_padding_mask=key_padding_mask,
+                      backend=self.backend)
+
+        if self.dual_ln == "model" or p > 0:
+            # the pieces of ls_kernels.projected: LN_L, projection and LN_G here, then the attention
+            if self.dual_ln == "model":
+                k_loc, v_loc = heads(self._ln_model(k, "ln_local")), heads(self._ln_model(v, "ln_local"))
+            else:  # per head (or none), statistics in fp32
+                ln = self._ln("ln_local")
+                k_loc, v_loc = (layer_norm(heads(t).to(_acc(t.dtype)), ln, _LN_EPS) for t in (k, v))
+            kg = vg = None
+            if r > 0:
+                src = (k_loc, v_loc) if self.project_after_ln else (heads(k), heads(v))
+                kg, vg = dynamic_projection(proj, *src, causal=self.causal, chunk=self.chunk,
+                                            key_padding_mask=key_padding_mask)  # (B, H, G, D)
+                if self.dual_ln == "model":  # LN_G over the merged heads of each projected vector
+                    kg, vg = self._ln_merged_heads(kg), self._ln_merged_heads(vg)
+                else:
+                    ln = self._ln("ln_global")
+                    kg, vg = layer_norm(kg, ln, _LN_EPS), layer_norm(vg, ln, _LN_EPS)
+            o = ls_attention_projected(q, k_loc.to(q.dtype), v_loc.to(q.dtype), kg, vg, dropout_p=p, **common)
+        else:
+            o = ls_attention(q, heads(k), heads(v), proj, ln_local=self._ln("ln_local"),
+                             ln_global=self._ln("ln_global"), project_after_ln=self.project_after_ln, **common)
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, E))
+
+    @classmethod
+    def from_official_lra(cls, state_dict, num_heads, window, rank, *, prefix="", backend="auto"):
+        """A layer holding the weights of the official Long Range Arena attention.
+
+        ``state_dict`` is that of ``AttentionLS`` in NVIDIA/transformer-ls,
+        lra/attention_transformer_ls.py (keys ``W_q``, ``W_k``, ``W_v``, ``W_o``,
+        ``dconv_fc``, ``dual_ln_l``, ``dual_ln_s``, each ``.weight``/``.bias``), or of a model
+        holding it with ``prefix`` (e.g. ``"transformer_0.mha."``). ``num_heads``,
+        ``window``, ``rank`` are the official ``num_head``, ``window_size``,
+        ``num_landmarks``; the model dim must equal num_head * head_dim (the official
+        layer needs that too). The result is bidirectional, ``dual_ln="model"``,
+        ``project_after_ln=True``, dropout 0, in the state dict's dtype and device.
+
+        Equivalence (within fp32 rounding): ``layer(X, key_padding_mask=~mask.bool())``
+        equals the official ``AttentionLS.forward(X, mask)`` (mask: 1 = real token)
+        for a layer that gets no CLS token (``cls_embed is None`` and pooling_mode not
+        "CLS"; with ``--cls_last_layer`` that is every layer but the last), has no
+        depthwise conv (``conv_kernel_size <= 0``: a ``conv.weight`` raises here), runs in
+        eval mode (or ``attention_dropout`` 0), for sequence lengths N that are a multiple
+        of ``window`` (the official code requires it; this layer takes any N), and for
+        padding masks that leave every sequence at least one real token (the official
+        code gives NaN for a fully padded sequence; this layer gives the output bias).
+        Padded query rows: both give the W_o bias. What the official code computes, and
+        this layer does: Q = W_q X / sqrt(head_dim); K = LN_L(W_k X), V = LN_L(W_v X)
+        with LN_L over the whole model dim, then split into heads; P = softmax over the
+        sequence of dconv_fc(X) (padded positions -inf), head-major channels; projected
+        Kg = LN_G(merge_heads(P^T K)), Vg likewise (the projection reads the normalised
+        K, V; LN_G over the model dim); one softmax over the r projected keys and the
+        window keys of segment floor(t / w) widened by e = max(w // 2, 1) on each side.
+        """
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a str, got {prefix!r}")
+        sd = {key[len(prefix):]: val for key, val in state_dict.items() if key.startswith(prefix)}
+        if "conv.weight" in sd:
+            raise ValueError("state_dict has conv.weight: the official layer was built with conv_kernel_size > 0 "
+                             "(a depthwise convolution of V added to the output), which LongShortAttention does "
+                             "not have")
+        expected = {f"{name}.{part}" for name in _OFFICIAL_LRA for part in ("weight", "bias")}
+        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"state_dict is not that of the official LRA AttentionLS (prefix {prefix!r}): "
+                             f"missing {missing}, unexpected {unexpected}")
+        E = sd["W_q.weight"].shape[1]
+        for name in ("W_q", "W_k", "W_v", "W_o"):
+            if tuple(sd[name + ".weight"].shape) != (E, E):
+                raise ValueError(f"{name}.weight must be ({E}, {E}) (model dim = num_head * head_dim), "
+                                 f"got {tuple(sd[name + '.weight'].shape)}")
+        layer = cls(E, num_heads, window=window, rank=rank, causal=False, dual_ln="model", project_after_ln=True,
+                    dropout=0.0, bias=True, backend=backend)
+        if tuple(sd["dconv_fc.weight"].shape) != (num_heads * rank, E):
+            raise ValueError(f"dconv_fc.weight has shape {tuple(sd['dconv_fc.weight'].shape)}, but num_heads * rank "
+                             f"= {num_heads} * {rank} rows of {E} are expected: check num_heads and rank "
+                             "(the official num_head and num_landmarks)")
+        ref = sd["W_q.weight"]
+        layer.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for official, ours in _OFFICIAL_LRA.items():
+                if ours.startswith("ln_"):
+                    if getattr(layer, ours + "_weight") is None:  # rank 0: no LN_G
+                        continue
+                    getattr(layer, ours + "_weight").copy_(sd[official + ".weight"])
+                    getattr(layer, ours + "_bias").copy_(sd[official + ".bias"])
+                elif getattr(layer, ours) is not None:
+                    getattr(layer, ours).weight.copy_(sd[official + ".weight"])
+                    getattr(layer, ours).bias.copy_(sd[official + ".bias"])
+        return layer
