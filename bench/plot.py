@@ -137,8 +137,10 @@ def main(argv=None):
             path = os.path.join(out_dir, f"{stem}_{config.split()[0]}_{mode.replace('+', '')}.png")
             plot_config(df, config, mode, path)
             print(f"wrote {path}")
-            print(f"\n**{config}, {mode}: longest N reached** (what ended the curve)\n\n{reach_table(df, config, mode)}")
-            print(f"\n**{config}, {mode}: time ratio at the longest N both reached**\n\n{ratio_table(df, config, mode)}\n")
+            print(f"\n**{config}, {mode}: longest N reached** (what ended the curve)\n")
+            print(reach_table(df, config, mode))
+            print(f"\n**{config}, {mode}: time ratio at the longest N both reached**\n")
+            print(ratio_table(df, config, mode) + "\n")
         r = flex_ratio(df, config)
         if r:
             print(f"{config}: ls / flex forward at N=8192, B=1: {r[0]:.4g} s / {r[1]:.4g} s = {r[0] / r[1]:.3g}\n")

@@ -10,9 +10,9 @@ Each point (method, mode, batch, seqlen) runs in its own child process under a h
 limit: on CUDA torch.cuda.set_per_process_memory_fraction (so a larger GPU behaves like one
 of the budget's size), on CPU RLIMIT_AS set to the child's address space after imports plus
 the budget (a failed allocation raises). Running out gives status "oom", running past the
-time limit (or being predicted to, from the curve's last two points: --no-predict runs it
-anyway) "timeout"; either ends that curve. Times: median, p20, p80 of the timed repeats
-after warm-up (CUDA events on GPU). Peak memory, inputs included: torch.cuda.max_memory_allocated
+time limit (or being predicted to within the budget, from the curve's last two points:
+--no-predict runs it anyway) "timeout"; either ends that curve. Times: median, p20, p80 of
+the timed repeats after warm-up (CUDA events on GPU). Peak memory, inputs included: torch.cuda.max_memory_allocated
 on GPU; on CPU the child's peak resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs
 after warm-up) above the resident set just before the timed repeats, plus the inputs' bytes,
 with malloc returning every block of 64 KiB or more to the OS when freed.
@@ -138,7 +138,8 @@ def measure(p):
     warnings.filterwarnings("ignore")
     cuda = p["device"] == "cuda"
     if cuda:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, p["budget"] / torch.cuda.get_device_properties(0).total_memory))
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, p["budget"] / total))
     else:
         _limit_cpu_memory(p["budget"], p["threads"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -231,15 +232,15 @@ def rows_for(p, res, common):
             dict(base, metric="peak_memory", unit="MiB", median=m[0], p20=m[1], p80=m[2])]
 
 
-def predicted_seconds(history, p):
-    """Seconds the next point should take (first call, warm-up and one repeat), from the curve's last two
-    points: time per call times its growth per doubling (at least 2, linear), plus the last first call's
-    excess (compilation). 0 with fewer than two points."""
+def predict(history, p):
+    """(seconds, bytes) the next point should take, from the curve's last two points: time per call and
+    peak memory times their growth per doubling (time at least x2, linear), the seconds counting the
+    first call's excess over a call (compilation), the warm-up and one repeat. None with < 2 points."""
     if len(history) < 2:
-        return 0.0, 0.0
-    (_, t0, _), (_, t1, first) = history[-2:]
+        return None
+    (_, t0, _, m0), (_, t1, first, m1) = history[-2:]
     growth = min(max(t1 / t0, 2.0), 8.0)
-    return max(first - t1, 0.0) + (p["warmup"] + 1) * t1 * growth, growth
+    return max(first - t1, 0.0) + (p["warmup"] + 1) * t1 * growth, m1 * min(max(m1 / m0, 1.0), 8.0)
 
 
 def skip_reason(method, mode, device):
@@ -261,14 +262,16 @@ def parse_args(argv=None):
         p.add_argument(f"--{name}", type=kind, help=f"override the preset's {what}")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, help="override the preset's causality")
     p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="[all; --quick: ls full_naive full_sdpa] ls: ls_attention backend='auto' (Triton on CUDA, the blocked path with ATen's fused CPU "
+                   help="[all; --quick: ls full_naive full_sdpa] ls: ls_attention backend='auto' (Triton on CUDA, "
+                        "the blocked path with ATen's fused CPU "
                         "kernel on CPU); ls_torch: the blocked path with materialized scores (unfused); full_naive: "
                         "softmax(QK^T)V with the scores materialized; full_sdpa: scaled_dot_product_attention; "
                         "flex: compiled FlexAttention with the same long-short semantics")
     p.add_argument("--modes", nargs="+", choices=MODES, default=MODES,
                    help="fwd: forward under no_grad; fwd+bwd: forward and backward of every input (default: both)")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes, one curve each [CUDA: 1 2 4 8 16; CPU: 1 4]")
-    p.add_argument("--min-seqlen", type=int, default=256, help="first sequence length, doubled from there (default: 256)")
+    p.add_argument("--min-seqlen", type=int, default=256,
+                   help="first sequence length, doubled from there (default: 256)")
     p.add_argument("--max-seqlen", type=int, help="last sequence length [CUDA: 2^20; CPU: 65536]")
     p.add_argument("--memory-budget", type=float,
                    help="GiB per point, inputs included [CUDA: 32; CPU: min(32, a quarter of RAM)]")
@@ -276,7 +279,8 @@ def parse_args(argv=None):
                                                     "[CUDA: 120; CPU: 30]")
     p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
                    help="end a curve without running its next point when the last two points predict that it "
-                        "would pass the time limit (status timeout, note 'not run: predicted ...') (default: on)")
+                        "would pass the time limit within the memory budget (status timeout, note 'not run: "
+                        "predicted ...'); a point predicted to pass the budget is run (default: on)")
     p.add_argument("--repeats", type=int, help="timed repeats per point (fewer if the time limit is near) "
                                                "[CUDA: 10; CPU: 3]")
     p.add_argument("--warmup", type=int, help="untimed calls before timing [CUDA: 3; CPU: 1]")
@@ -348,21 +352,21 @@ def main(argv=None):
     tqdm.monitor_interval = 0  # no monitor thread: children are forked
     with tqdm(total=len(curves) * len(lengths), unit="pt") as bar:
         for cfg, cname, mode, method, batch in curves:
-            history = []  # (N, median s per call, first call s) of the curve's points so far
+            history = []  # (N, median s per call, first call s, peak bytes) of the curve's points so far
             for i, n in enumerate(lengths):
                 bar.set_description(f"{cname.split()[0]} {method} {mode} B={batch} N={n}")
                 p = dict(vars(cfg), config=cname, method=method, mode=mode, batch=batch, seqlen=n,
                          device=args.device, budget=int(args.memory_budget * GiB), time_limit=args.time_limit,
                          repeats=args.repeats, warmup=args.warmup, threads=args.threads)
-                need, growth = predicted_seconds(history, p)
-                if args.predict and need > args.time_limit:
-                    res = dict(status="timeout", note=f"not run: predicted {need:.0f} s > {args.time_limit:.0f} s "
-                                                      f"({history[-1][1]:.3g} s per call at N={history[-1][0]}, "
-                                                      f"x{growth:.1f} per doubling)")
+                guess = predict(history, p) if args.predict else None
+                # too slow but within the budget: not run (one that should run out of memory is run, to fail fast)
+                if guess and guess[0] > args.time_limit and guess[1] <= p["budget"]:
+                    res = dict(status="timeout", note=f"not run: predicted {guess[0]:.0f} s > {args.time_limit:.0f} s "
+                                                      f"from {history[-1][1]:.3g} s per call at N={history[-1][0]}")
                 else:
                     res = run_point(p)
                 if res["status"] == "ok":
-                    history.append((n, float(np.median(res["times"])), res["first"]))
+                    history.append((n, float(np.median(res["times"])), res["first"], res["peak"]))
                 rows += rows_for(p, res, dict(common, config=cname))
                 pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
                 bar.update(1)
