@@ -92,6 +92,7 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--compile", action="store_true", help="torch.compile(model, fullgraph=True)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--sample", type=int, default=200, help="characters to sample after training")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -149,7 +150,7 @@ def main():
     bar.close()
     end_loss = val_loss()
     print(f"validation loss: {start_loss:.3f} -> {end_loss:.3f} after {step + 1} steps in {time.time() - t0:.0f} s")
-    print("sample:\n" + sample(model, stoi, chars, "def ", 200, args.seq_len, device))
+    print("sample:\n" + sample(model, stoi, chars, "def ", args.sample, args.seq_len, device))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ op                                         computes
 ``ls_kernels::projected_triton_bwd``       its gradients
 =========================================  =====================================================
 
+Dispatch (``attention`` and ``attention_projected`` below): the Triton backend always runs
+through its ops. The blocked backend runs through its ops while torch.compile traces (so
+the graph holds one opaque node and no graph break); in eager mode it runs the same
+blocked functions under plain autograd, which saves the backward op's recomputation of
+the forward (``FORCE_OPS = True`` routes eager calls through the ops too).
+
 Conventions: optional tensors (``proj``, the LN weights and biases, the padding mask) are
 ``Tensor?``; scalar configuration is ``int``/``float``/``bool``. Ops never return None or
 aliases: an absent gradient (or an unneeded saved tensor) is an empty tensor, mapped back to
@@ -41,6 +47,9 @@ from .projected_torch import attend_projected_torch
 from .projected_triton import projected_backward, projected_forward
 
 _HALF = (torch.float16, torch.bfloat16)
+# the blocked (torch) backend calls its ops only under torch.compile: in eager mode plain autograd through
+# the blocked path is the same computation without the backward's recomputation. True: always the ops.
+FORCE_OPS = False
 
 
 def _acc(dtype):
@@ -74,6 +83,11 @@ def _autograd_dispatch():
     exclude = exclude.remove(key.AutogradFunctionality).remove(key.ADInplaceOrView)
     with guard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         yield
+
+
+def _eager():
+    """True outside torch.compile tracing, unless FORCE_OPS is set (tests)."""
+    return not FORCE_OPS and not torch.compiler.is_compiling()
 
 
 def _grads_out(grads, like):
@@ -255,6 +269,11 @@ def attention(q, k, v, proj, ln_local, ln_global, key_padding_mask, window, caus
     lng = ln_global if ln_global is not None else (None, None)
     args = (q, k, v, proj, *lnl, *lng, key_padding_mask, window, causal, chunk, project_after_ln, scale, eps)
     if not use_triton:
+        if _eager():  # plain autograd through the blocked path: no recomputation in the backward
+            with _no_autocast(q):
+                return ls_attention_torch(q, k, v, proj, window=window, causal=causal, chunk=chunk,
+                                          ln_local=ln_local, ln_global=ln_global, project_after_ln=project_after_ln,
+                                          key_padding_mask=key_padding_mask, scale=scale, eps=eps)
         return attention_torch_fwd(*args)
     store_acc = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args[:8])
     return attention_triton_fwd(*args, store_acc)[0]
@@ -373,6 +392,10 @@ def attention_projected(q, k, v, kg, vg, key_padding_mask, window, causal, chunk
     """Validated inputs of ``ls_attention_projected`` -> output, through the op of the chosen backend."""
     args = (q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale)
     if not use_triton:
+        if _eager():
+            with _no_autocast(q):
+                return attend_projected_torch(q, k, v, kg, vg, window=window, causal=causal, chunk=chunk, rank=rank,
+                                              key_padding_mask=key_padding_mask, scale=scale)
         return projected_torch_fwd(*args)
     store_acc = torch.is_grad_enabled() and any(x.requires_grad for x in args[:5])
     return projected_triton_fwd(*args, store_acc)[0]

@@ -43,6 +43,9 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
     """
     if proj is None:
         raise ValueError("proj must be a (B, H, N, r) tensor, got None")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+        raise ValueError(f"k must be a (B, H, N, D) tensor, got {got}")
     # k stands in for q; window 1 stands in for "something to attend to"
     check_inputs(k, k, v, proj, 1, causal, chunk, None, None, key_padding_mask, None, 1e-5, "torch")
     B, H, N, D = k.shape
