@@ -193,8 +193,6 @@ def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor]
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
         proj = proj.float() if proj is not None else None
-    # contiguous inputs: the backward's dK/dV stores assume a (B, H, N, D) contiguous layout
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with _no_autocast(q):
         o, o_saved, lse, saved_proj = _ls_forward(q, k, v, proj, window, causal, chunk, _pair(lnl_w, lnl_b),
                                                   _pair(lng_w, lng_b), project_after_ln, key_padding_mask,
@@ -231,7 +229,6 @@ def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj
     if INTERPRET and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
         proj = proj.float() if proj is not None else None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = o_acc if o_acc.numel() > 0 else out
     with _autograd_dispatch(), _no_autocast(q):
         grads = _ls_backward(grad_out.to(q.dtype), q, k, v, proj, o, lse, (kg, vg, k_raw, v_raw, col_lse),
@@ -337,7 +334,6 @@ def projected_triton_fwd(q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor
     in_dtype = q.dtype
     if INTERPRET and in_dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with _no_autocast(q):
         o, o_saved, lse = projected_forward(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale,
                                             store_acc)
@@ -361,7 +357,6 @@ def projected_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kg: 
     like = (q, k, v, kg, vg)
     if INTERPRET and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = o_acc if o_acc.numel() > 0 else out
     with _no_autocast(q):
         grads = projected_backward(grad_out.to(q.dtype), q, k, v, kg, vg, o, lse, key_padding_mask, window, causal,
