@@ -11,11 +11,14 @@ limit: on CUDA torch.cuda.set_per_process_memory_fraction (so a larger GPU behav
 of the budget's size), on CPU RLIMIT_AS set to the child's address space after imports plus
 the budget (a failed allocation raises). Running out gives status "oom", running past the
 time limit (or being predicted to within the budget, from the curve's last two points:
---no-predict runs it anyway) "timeout"; either ends that curve. Times: median, p20, p80 of
-the timed repeats after warm-up (CUDA events on GPU). Peak memory, inputs included: torch.cuda.max_memory_allocated
-on GPU; on CPU the child's peak resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs
-after warm-up) above the resident set just before the timed repeats, plus the inputs' bytes,
-with malloc returning every block of 64 KiB or more to the OS when freed.
+--no-predict runs it anyway) "timeout"; either ends that curve.
+
+Per point: a first call (compilation, caches); the peak memory of one call, inputs included:
+torch.cuda.max_memory_allocated on GPU; on CPU the child's peak resident set during the call
+(VmHWM, reset by writing 5 to /proc/self/clear_refs) above its resident set before it, plus the
+inputs' bytes, with malloc set from the child's start to unmap every freed block of 64 KiB or
+more; then warm-up and the timed repeats: median, p20, p80 (CUDA events on GPU; on CPU malloc
+set as glibc's dynamic thresholds settle for large tensors).
 """
 import argparse
 import ctypes
@@ -68,11 +71,25 @@ def _status_kb(key):
 def _limit_cpu_memory(budget, threads):
     """Threads and malloc settled first, then RLIMIT_AS = address space now + budget."""
     torch.set_num_threads(threads)
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB are mmapped, unmapped when freed
-    libc.mallopt(-8, 2)  # M_ARENA_MAX
-    torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool and its arenas
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB mmapped, unmapped when freed
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start the thread pool and its malloc arenas
     resource.setrlimit(resource.RLIMIT_AS, (_status_kb("VmSize") + budget, resource.RLIM_INFINITY))
+
+
+def _cpu_peak(step):
+    """Peak resident bytes one call adds (VmHWM during it minus VmRSS before it, after clear_refs 5 sets
+    VmHWM := VmRSS); with every block >= 64 KiB its own mapping, that is the call's peak allocation.
+    Then malloc is set as glibc's dynamic thresholds settle for large tensors, for the timing."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _status_kb("VmRSS")
+    step()
+    peak = _status_kb("VmHWM") - rss0
+    libc.mallopt(-3, 32 * MiB)  # M_MMAP_THRESHOLD (its dynamic maximum)
+    libc.mallopt(-1, 64 * MiB)  # M_TRIM_THRESHOLD (twice that)
+    return peak
 
 
 def _is_oom(e):
@@ -145,17 +162,20 @@ def measure(p):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     try:
         step, in_bytes = build(p)
-        for i in range(p["warmup"]):
-            t0 = time.monotonic()
+        t0 = time.monotonic()
+        step()  # compilation, caches
+        sync()
+        first = time.monotonic() - t0
+        if cuda:  # peak memory of one call, inputs included
+            torch.cuda.reset_peak_memory_stats()
             step()
             sync()
-            first = time.monotonic() - t0 if i == 0 else first  # compilation included
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            peak = torch.cuda.max_memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            rss0 = _status_kb("VmRSS")
+            peak = _cpu_peak(step) + in_bytes
+        for i in range(p["warmup"]):
+            step()
+            sync()
         times = []
         for i in range(p["repeats"]):  # stop early when the next repeat would pass 90% of the time limit
             if i > 0 and time.monotonic() - start + np.median(times) > 0.9 * p["time_limit"]:
@@ -171,7 +191,6 @@ def measure(p):
                 t0 = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() if cuda else _status_kb("VmHWM") - rss0 + in_bytes
         return dict(status="ok", times=times, peak=peak, first=first,
                     note=f"{len(times)} repeats; first call {first:.3g} s")
     except Exception as e:  # noqa: BLE001: every failure is a data point
@@ -235,12 +254,13 @@ def rows_for(p, res, common):
 def predict(history, p):
     """(seconds, bytes) the next point should take, from the curve's last two points: time per call and
     peak memory times their growth per doubling (time at least x2, linear), the seconds counting the
-    first call's excess over a call (compilation), the warm-up and one repeat. None with < 2 points."""
+    first call's excess over a call (compilation), the memory call, the warm-up and one
+    repeat. None with < 2 points."""
     if len(history) < 2:
         return None
     (_, t0, _, m0), (_, t1, first, m1) = history[-2:]
     growth = min(max(t1 / t0, 2.0), 8.0)
-    return max(first - t1, 0.0) + (p["warmup"] + 1) * t1 * growth, m1 * min(max(m1 / m0, 1.0), 8.0)
+    return max(first - t1, 0.0) + (p["warmup"] + 3) * t1 * growth, m1 * min(max(m1 / m0, 1.0), 8.0)
 
 
 def skip_reason(method, mode, device):
@@ -283,7 +303,8 @@ def parse_args(argv=None):
                         "predicted ...'); a point predicted to pass the budget is run (default: on)")
     p.add_argument("--repeats", type=int, help="timed repeats per point (fewer if the time limit is near) "
                                                "[CUDA: 10; CPU: 3]")
-    p.add_argument("--warmup", type=int, help="untimed calls before timing [CUDA: 3; CPU: 1]")
+    p.add_argument("--warmup", type=int, help="untimed calls before timing, after the first call and the memory "
+                                              "call [CUDA: 3; CPU: 1]")
     p.add_argument("--dtype", choices=list(DTYPES), help="[CUDA: fp16; CPU: fp32]")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu",
                    help="(default: cuda when available)")

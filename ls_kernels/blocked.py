@@ -96,8 +96,13 @@ def _partial_fused(q, k, v, visible, scale):
         return tuple(torch.stack(x) if len(parts) > 1 else x[0][None] for x in zip(*parts))
     visible = visible.expand(*visible.shape[:-1], k.shape[-2])
     bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    o, lse = _FlashCPU.apply(q, k, v, bias.expand(*q.shape[:-1], k.shape[-2]), scale)
-    lse = torch.where(visible.any(-1), lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
+    return _partial_bias(q, k, v, bias.expand(*q.shape[:-1], k.shape[-2]), visible.any(-1), scale)
+
+
+def _partial_bias(q, k, v, bias, seen, scale):
+    """The fused kernel's partial softmax with an additive bias (-inf hides a key); seen: rows that see a key."""
+    o, lse = _FlashCPU.apply(q, k, v, bias, scale)
+    lse = torch.where(seen, lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
     m = torch.where(torch.isfinite(lse), lse, 0.0).detach()
     z = torch.exp(lse - m)  # 1 (0 for rows that see nothing), carrying the gradient of lse
     return m, (o * z[..., None] if torch.is_grad_enabled() else o), z  # o is 0 where z is 0
@@ -229,11 +234,21 @@ def _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps):
     return k_g.reshape(B, H, nc * r, D), v_g.reshape(B, H, nc * r, D), valid.reshape(B, nc, chunk).any(-1)
 
 
-def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale):
+def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, shared=None):
     """Partial softmax of queries start .. start + len(q) (start a multiple of chunk) over the chunks
     strictly before theirs: the chunks before the group's first, seen by all its queries, and the
-    group's own chunks, seen by its later queries."""
-    c0, c1 = start // chunk, min(chunk_valid.shape[1], (start + q.shape[2] - 1) // chunk)
+    group's own chunks, seen by its later queries.
+
+    shared (fused path, no padded chunk): a bias buffer whose columns are nc * r zeros followed by
+    the block-causal pattern of a group's own chunks; every group's bias is a view of it."""
+    G = q.shape[2]
+    c0, c1 = start // chunk, min(chunk_valid.shape[1], (start + G - 1) // chunk)
+    if shared is not None and c1 > 0:  # one call over chunks 0 .. c1 - 1
+        off = chunk_valid.shape[1] * r - c0 * r
+        bias = shared[:G, off:off + c1 * r]
+        seen = torch.arange(G, device=q.device) >= (chunk if c0 == 0 else 0)  # the first chunk sees nothing
+        return _partial_bias(q, k_g[:, :, :c1 * r], v_g[:, :, :c1 * r], bias.expand(*q.shape[:2], *bias.shape),
+                             seen, scale)
     parts = []
     if c0 > 0:
         parts.append(_partial(q, k_g[:, :, :c0 * r], v_g[:, :, :c0 * r],
@@ -256,11 +271,17 @@ def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
     group = max(chunk, group // chunk * chunk)
     # the matmul path materializes each group's scores: recompute them in the backward
     use_ckpt = not _fused(q) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
+    shared = None
+    if _fused(q) and bool(chunk_valid.all()):
+        t = torch.arange(group, device=q.device)[:, None]
+        own = torch.arange(group // chunk * r, device=q.device)[None, :] // r < t // chunk
+        shared = torch.zeros(group, (nc + group // chunk) * r, dtype=q.dtype, device=q.device)
+        shared[:, nc * r:].masked_fill_(~own, float("-inf"))
     parts = []
     for start in range(0, N, group):
         args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale)
         parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False) if use_ckpt
-                     else _causal_global_group(*args))
+                     else _causal_global_group(*args, shared=shared))
     return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(3))
 
 
