@@ -68,9 +68,9 @@ def plot_config(df, config, mode, path):
     axes[0].legend(handles=[plt.Line2D([], [], color="k", ls=STYLE[m][0], marker=STYLE[m][1], label=STYLE[m][2])
                             for m in methods], fontsize=8, loc="upper left")
     axes[1].legend(handles=[plt.Line2D([], [], color=colors[b], lw=3, label=f"batch {b}") for b in batches],
-                   fontsize=8, loc="upper left")
+                   fontsize=8, loc="lower right")
     first = sub.iloc[0]
-    threads = f", {int(first.threads)} threads" if pd.notna(first.threads) else ""
+    threads = f", {int(first.threads)} thread{'s' if first.threads > 1 else ''}" if pd.notna(first.threads) else ""
     fig.suptitle(f"{config}\n{first.device}{threads}; torch {first.torch}, triton {first.triton}, {first.date}",
                  fontsize=10)
     fig.tight_layout()

@@ -296,7 +296,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget", type=float,
                    help="GiB per point, inputs included [CUDA: 32; CPU: min(32, a quarter of RAM)]")
     p.add_argument("--time-limit", type=float, help="seconds per point, start-up and compilation included "
-                                                    "[CUDA: 120; CPU: 30]")
+                                                    "[CUDA: 120; CPU: 20]")
     p.add_argument("--predict", action=argparse.BooleanOptionalAction, default=True,
                    help="end a curve without running its next point when the last two points predict that it "
                         "would pass the time limit within the memory budget (status timeout, note 'not run: "
@@ -321,7 +321,7 @@ def parse_args(argv=None):
     gpu = a.device == "cuda"
     quick = dict(batches=[1], max_seqlen=8192, memory_budget=0.25, time_limit=20, repeats=2, warmup=1)
     defaults = dict(batches=[1, 2, 4, 8, 16] if gpu else [1, 4], max_seqlen=2 ** 20 if gpu else 65536,
-                    memory_budget=32.0 if gpu else min(32.0, mem_total / GiB / 4), time_limit=120 if gpu else 30,
+                    memory_budget=32.0 if gpu else min(32.0, mem_total / GiB / 4), time_limit=120 if gpu else 20,
                     repeats=10 if gpu else 3, warmup=3 if gpu else 1, dtype="fp16" if gpu else "fp32")
     for key, value in defaults.items():
         if getattr(a, key) is None:
