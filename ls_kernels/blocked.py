@@ -1,8 +1,10 @@
 """Blocked PyTorch path of long-short attention (``backend="torch"``).
 
 Memory grows linearly in N: queries are cut into segments and each segment is
-scored only against its window keys (a strided ``unfold`` view of the keys),
-plus the projected keys. The window part and the projected part are two partial
+scored only against its window keys, plus the projected keys. Bidirectional
+windows are a strided ``unfold`` view of the keys; causal ones are two key blocks
+per segment of w queries (the segment's own keys and the previous segment's),
+reshapes of k and v. The window part and the projected part are partial
 softmaxes, each returning (row max, unnormalised output, normaliser), merged
 exactly into ONE softmax at the end, as split-KV attention kernels do. Row maxima
 are detached: the merged result does not depend on them, so gradients are exact.
@@ -12,11 +14,9 @@ merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
 
 On CPU with fp32 or fp64 inputs each partial softmax runs in ATen's fused CPU
 flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, with a
--inf bias as mask), which never materializes the scores; the windows are strided
-views it reads in place, and causal queries are cut into shorter segments than w
-so less of each window is masked out. Elsewhere (CUDA: the unfused baseline;
-fp16/bf16) the scores are materialized by matmuls. Set ``FUSED_CPU = False`` to use
-the matmul path on CPU too.
+-inf bias as mask), which never materializes the scores and reads the windows in
+place. Elsewhere (CUDA: the unfused baseline; fp16/bf16) the scores are
+materialized by matmuls. Set ``FUSED_CPU = False`` to use the matmul path on CPU too.
 """
 import math
 
@@ -29,8 +29,6 @@ from torch.utils.checkpoint import checkpoint
 _CAUSAL_GLOBAL_ELEMS = 1 << 25
 # at most this many queries per causal projected-key group (less of each group's keys masked out)
 _CAUSAL_GLOBAL_GROUP = 1024
-# queries per causal window segment on the fused CPU path (keys per segment: this + w - 1)
-_CAUSAL_SEGMENT = 128
 FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -87,39 +85,73 @@ class _FlashCPU(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _partial_fused(q, k, v, visible, scale):
-    """``_partial`` by the fused CPU kernel, which takes 4-D tensors: 5-D ones go one batch element at a time."""
-    visible = visible.reshape((1,) * (q.dim() - visible.dim()) + visible.shape)
-    if q.dim() == 5:
-        parts = [_partial_fused(q[b], k[b], v[b], visible[min(b, visible.shape[0] - 1)], scale)
-                 for b in range(q.shape[0])]
-        return tuple(torch.stack(x) if len(parts) > 1 else x[0][None] for x in zip(*parts))
-    visible = visible.expand(*visible.shape[:-1], k.shape[-2])
-    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    return _partial_bias(q, k, v, bias.expand(*q.shape[:-1], k.shape[-2]), visible.any(-1), scale)
+def _foldable(x, n):
+    """Whether the first n dims of x merge into one without a copy."""
+    dims = [(size, st) for size, st in zip(x.shape[:n], x.stride()[:n]) if size != 1]
+    return all(a == b * size for (_, a), (size, b) in zip(dims, dims[1:]))
 
 
-def _partial_bias(q, k, v, bias, seen, scale):
-    """The fused kernel's partial softmax with an additive bias (-inf hides a key); seen: rows that see a key."""
-    o, lse = _FlashCPU.apply(q, k, v, bias, scale)
+def _partial_fused(q, k, v, visible, rows, scale):
+    """``_partial`` by the fused CPU kernel, with a -inf bias where ``visible`` is False.
+
+    The kernel takes (batch, heads, L, D) and lays its gradients out as (batch, L, heads, D): with
+    many heads their rows are far apart in memory and its backward runs 2-3x slower. So calls fold
+    all leading dims into the batch, with one head, where that needs no copy of any input (bias
+    included); else all but the last (overlapping windows, a mask per segment); else they go one
+    index of dim 0 at a time."""
+    lead, M, K = q.shape[:-2], q.shape[-2], k.shape[-2]
+    seen = torch.ones((), dtype=torch.bool, device=q.device) if rows is None else rows
+    bias = None
+    if visible is not None:
+        visible = visible.reshape((1,) * (q.dim() - visible.dim()) + visible.shape)
+        visible = visible.expand(*visible.shape[:-1], K)
+        seen = seen & visible.any(-1)
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        bias = bias.expand(*lead, M, K)
+    xs = [x for x in (q, k, v, bias) if x is not None]
+    for n_batch, heads in ((len(lead), 1), (len(lead) - 1, lead[-1])):
+        if all(_foldable(x, n_batch) for x in xs):
+            return _fused_call(q, k, v, bias, seen, scale, heads)
+    seen = seen.reshape((1,) * (len(lead) + 1 - seen.dim()) + seen.shape)
+    if lead[0] == 1:  # squeeze, not select: its backward is a view
+        out = _partial_fused(q[0], k[0], v[0], None if visible is None else visible[0], seen[0], scale)
+        return tuple(x[None] for x in out)
+    vis = [None] * lead[0] if visible is None else visible.expand(lead[0], *visible.shape[1:]).unbind(0)
+    seen = seen.expand(lead[0], *seen.shape[1:]).unbind(0)  # unbind: its backward is one stack
+    parts = [_partial_fused(*x, scale) for x in zip(q.unbind(0), k.unbind(0), v.unbind(0), vis, seen)]
+    return tuple(torch.stack(x) for x in zip(*parts))
+
+
+def _fused_call(q, k, v, bias, seen, scale, heads):
+    """One call of the fused kernel on (..., L, D) inputs folded to (n, heads, L, D); bias (..., M, K) with
+    -inf for hidden keys, or None; seen broadcasts to (..., M): rows that see a key. Returns (lse, o * z, z)."""
+    lead, M = q.shape[:-2], q.shape[-2]
+    fold = lambda x: None if x is None else x.reshape(-1, heads, *x.shape[-2:])  # noqa: E731
+    o, lse = _FlashCPU.apply(fold(q), fold(k), fold(v), fold(bias), scale)
+    o, lse = o.reshape(*lead, M, -1), lse.reshape(*lead, M)
     lse = torch.where(seen, lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
     m = torch.where(torch.isfinite(lse), lse, 0.0).detach()
     z = torch.exp(lse - m)  # 1 (0 for rows that see nothing), carrying the gradient of lse
     return m, (o * z[..., None] if torch.is_grad_enabled() else o), z  # o is 0 where z is 0
 
 
-def _partial(q, k, v, visible, scale):
-    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
+def _partial(q, k, v, visible, scale, rows=None):
+    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K]
+    (None: every key visible); rows, if given, broadcasts to [..., M]: False for rows that see no key.
 
     Returns the detached row max [..., M], the unnormalised output [..., M, D] and
     the normaliser [..., M], all in the accumulation dtype. (The fused CPU path returns
     the row logsumexp as "max", so its normaliser is 1, or 0 for rows that see nothing.)
     """
     if _fused(q) and q.numel() > 0 and k.shape[-2] > 0:  # the kernel divides by zero on empty inputs
-        return _partial_fused(q, k, v, visible, scale)
+        return _partial_fused(q, k, v, visible, rows, scale)
+    if rows is not None:
+        visible = rows[..., None] if visible is None else visible & rows[..., None]
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # [..., M, K]
-    s.mul_(scale).masked_fill_(~visible, float("-inf"))
+    s.mul_(scale)
+    if visible is not None:
+        s.masked_fill_(~visible, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = s.sub_(m).exp_()  # [..., M, K]
@@ -178,37 +210,26 @@ def _local_bidirectional(q, k, v, pad, w, scale):
     return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
 
 
-def _causal_windows(q, k, v, pad, lo, hi, seg, w, scale, masked):
-    """Partial softmax of the queries of segments lo .. hi - 1 (seg queries each) over their causal windows,
-    with only the keys they reach (positions lo * seg - w + 1 .. hi * seg - 1) padded or copied."""
-    N = q.shape[2]
-    size, a, b = seg + w - 1, lo * seg - (w - 1), hi * seg
-    left, right = max(-a, 0), max(b - N, 0)
-    q_seg = _segments(q[:, :, lo * seg:b], seg, hi - lo)  # (B, H, S, seg, D)
-    k_win = _windows(k[:, :, max(a, 0):b], left, right, size, seg)  # (B, H, S, seg + w - 1, D): keys t - w + 1 .. t
-    v_win = _windows(v[:, :, max(a, 0):b], left, right, size, seg)
-    i = torch.arange(seg, device=q.device)[:, None]
-    u = torch.arange(size, device=q.device)[None, :]
-    visible = (u >= i) & (u < i + w)  # (seg, seg + w - 1): query i of a segment sees keys i .. i + w - 1
-    if masked:
-        key_pad = F.pad(pad[:, max(a, 0):b], (left, right), value=True).unfold(1, size, seg)  # (B, S, size)
-        visible = visible & ~key_pad[:, None, :, None, :]
-    return _partial(q_seg, k_win, v_win, visible, scale)
-
-
 def _local_causal(q, k, v, pad, w, scale):
+    """Causal windows in segments of w queries: query i of a segment sees keys i - w + 1 .. i, that is
+    keys 0 .. i of its own segment and keys i + 1 .. w - 1 of the previous one. Two partial softmaxes
+    over key blocks that are plain reshapes of k and v (no overlapping windows, whose gradients would
+    be materialized once per window), merged; the tail is zero-padded to a whole segment (its real
+    queries only see real keys of their own segment)."""
     B, H, N, D = q.shape
     w = min(w, N)  # a window longer than the sequence is plain causal attention
-    seg = min(w, _CAUSAL_SEGMENT) if _fused(q) else w  # queries per segment
-    n_seg = -(-N // seg)
-    if not _fused(q) or pad.any():
-        spans = [(0, n_seg, True)]
-    else:  # only windows that start before position 0 need a mask (keys past N are seen only past N)
-        edge = min(n_seg, -(-(w - 1) // seg))
-        last = max(edge, n_seg - 1 if N % seg else n_seg)  # a partial last segment pads its own window
-        spans = [(0, edge, True), (edge, last, False), (last, n_seg, False)]
-    parts = [_causal_windows(q, k, v, pad, lo, hi, seg, w, scale, masked) for lo, hi, masked in spans if hi > lo]
-    m, num, z = (torch.cat(x, 2) if len(parts) > 1 else x[0] for x in zip(*parts))
+    S = -(-N // w)
+    q_seg, k_seg, v_seg = (_segments(x, w, S) for x in (q, k, v))  # (B, H, S, w, D)
+    i = torch.arange(w, device=q.device)
+    own, prev = i[None, :] <= i[:, None], i[None, :] > i[:, None]  # (w, w): [query, key]
+    if pad.any():  # key padding: a mask per sequence
+        key_ok = ~F.pad(pad, (0, S * w - N), value=True).reshape(B, 1, S, 1, w)
+        own, prev = own & key_ok, prev & key_ok[:, :, :-1]
+    m, num, z = _partial(q_seg, k_seg, v_seg, own, scale)
+    if S > 1:  # segments 1 .. S - 1 over the keys of segments 0 .. S - 2
+        m_p, num_p, z_p = _combine([(m[:, :, 1:], num[:, :, 1:], z[:, :, 1:]),
+                                    _partial(q_seg[:, :, 1:], k_seg[:, :, :-1], v_seg[:, :, :-1], prev, scale)])
+        m, num, z = (torch.cat([x[:, :, :1], y], 2) for x, y in ((m, m_p), (num, num_p), (z, z_p)))
     return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
 
 
@@ -247,8 +268,8 @@ def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, share
         off = chunk_valid.shape[1] * r - c0 * r
         bias = shared[:G, off:off + c1 * r]
         seen = torch.arange(G, device=q.device) >= (chunk if c0 == 0 else 0)  # the first chunk sees nothing
-        return _partial_bias(q, k_g[:, :, :c1 * r], v_g[:, :, :c1 * r], bias.expand(*q.shape[:2], *bias.shape),
-                             seen, scale)
+        return _fused_call(q, k_g[:, :, :c1 * r], v_g[:, :, :c1 * r], bias.expand(*q.shape[:2], *bias.shape), seen,
+                           scale, heads=1)
     parts = []
     if c0 > 0:
         parts.append(_partial(q, k_g[:, :, :c0 * r], v_g[:, :, :c0 * r],

@@ -3,7 +3,8 @@
 - the matmul (unfused) branch, the one CUDA and fp16/bf16 use, checked on CPU: fp32 and fp64
   go through ATen's fused flash kernel there (blocked.FUSED_CPU) unless it is switched off;
 - the fused branch's causal projected keys in several query groups (one shared bias buffer
-  without padded chunks, prefix + own-chunk parts with them).
+  without padded chunks, prefix + own-chunk parts with them);
+- causal windows over segment-sized key blocks, with a partial last segment and key padding.
 """
 import pytest
 
@@ -37,11 +38,12 @@ def test_fused_causal_global_groups(monkeypatch, group, pad):
                     after=False))
 
 
-@pytest.mark.parametrize("segment, w, pad", [(4, 9, "none"), (4, 9, "rows"), (2, 3, "none"), (5, 30, "none")])
-def test_fused_causal_window_segments(monkeypatch, segment, w, pad):
-    """Causal windows in segments shorter than w: leading segments masked, interior ones with
-    the band alone, a partial last one padded (N = 63)."""
-    monkeypatch.setattr(blocked, "_CAUSAL_SEGMENT", segment)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+@pytest.mark.parametrize("w, pad", [(9, "none"), (9, "rows"), (1, "none"), (21, "rows"), (63, "none"), (100, "none")])
+def test_causal_window_blocks(monkeypatch, fused, w, pad):
+    """Causal windows as two key blocks per segment of w queries (its own, the previous one), at
+    N = 63: a partial last segment (w = 9, 21, 100 -> one segment), one segment (w = 63), w = 1."""
+    monkeypatch.setattr(blocked, "FUSED_CPU", fused)
     check_case(dict(causal=True, B=2, H=3, N=63, D=8, w=w, r=2, chunk=4, pad=pad, lnL="head", lnG="shared",
                     after=True))
 
