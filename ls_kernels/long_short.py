@@ -447,8 +447,10 @@ def _scalars(scale, eps, dtype, device):
     return torch.tensor([qk_scale, eps, 0.0, scale], dtype=acc, device=device)
 
 
-def _projected_visibility(pad, B, N, r, causal, chunk, device):
+def _projected_visibility(pad, B, N, r, causal, chunk, device, NG):
     """(B, NG) int8: whether each projected vector comes from a sequence / chunk with real tokens."""
+    if NG == 0:
+        return torch.empty(B, 0, dtype=torch.int8, device=device)
     if pad is None:
         n = r * (N // chunk if causal else 1)
         return torch.ones(B, n, dtype=torch.int8, device=device)
@@ -457,6 +459,111 @@ def _projected_visibility(pad, B, N, r, causal, chunk, device):
         nc = N // chunk
         real = real[:, :nc * chunk].reshape(B, nc, chunk)
     return real.any(-1, keepdim=not causal).repeat_interleave(r, dim=1).to(torch.int8)
+
+
+def _bhn_strides(*xs):
+    """Batch, head and row strides of (B, H, N, ...) tensors, in kernel argument order."""
+    return [st for x in xs for st in x.stride()[:3]]
+
+
+def _launch_fwd(q, k, v, kg, vg, gvis, pad8, ln_local, scalars, window, causal, chunk, r, store_acc):
+    """_ls_fwd_kernel on q, k, v (B, H, N, D, last stride 1) and projected kg, vg (B, H, NG, D, contiguous,
+    accumulation dtype) with their visibility gvis (B, NG) int8. Returns o, o_acc (the unrounded fp32
+    output when store_acc and q is fp16/bf16, else o) and lse (B, H, N)."""
+    B, H, N, D = q.shape
+    acc, device, NG = scalars.dtype, q.device, kg.shape[2]
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(D, q.dtype)
+    BLOCK_G = max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
+    o = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
+    store_acc = store_acc and q.dtype in (torch.float16, torch.bfloat16)
+    o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if store_acc else o
+    lse = torch.empty(B, H, N, dtype=acc, device=device)
+    _ls_fwd_kernel[(triton.cdiv(N, BLOCK_M), H, B)](
+        q, k, v, kg, vg, gvis, pad8 if pad8 is not None else gvis, lnw, lnb, scalars, o, o_acc, lse,
+        *_bhn_strides(q, k, v, o),
+        pad8.stride(0) if pad8 is not None else 0, stride_lnh,
+        H, N, NG, window, max(window // 2, 1), chunk, r,
+        HEAD_DIM=D, CAUSAL=causal, HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0,
+        HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None, IS_FP64=q.dtype == torch.float64,
+        PRECISION="ieee", STORE_ACC=store_acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
+        BLOCK_D=max(16, next_pow2(D)), num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, o_acc, lse
+
+
+def _bwd_launch_args(q, causal, kernel):
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _bwd_config(q.shape[-1], q.dtype)[kernel]
+    return BLOCK_N, dict(HEAD_DIM=q.shape[-1], CAUSAL=causal, IS_FP64=q.dtype == torch.float64, PRECISION="ieee",
+                         BLOCK_M=BLOCK_M, BLOCK_D=max(16, next_pow2(q.shape[-1])), num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+def _launch_bwd_dq(q, k, v, kg, vg, gvis, pad8, ln_local, scalars, do, lse, delta, window, causal, chunk, r):
+    """dQ (q's dtype) by _ls_bwd_dq_kernel; inputs as _launch_fwd, delta = rowsum(dO * O) (B, H, N)."""
+    B, H, N, D = q.shape
+    NG = kg.shape[2]
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, q.device)
+    BLOCK_N, common = _bwd_launch_args(q, causal, "dq")
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    _ls_bwd_dq_kernel[(triton.cdiv(N, common["BLOCK_M"]), H, B)](
+        q, k, v, kg, vg, gvis, pad8 if pad8 is not None else gvis, lnw, lnb, scalars, do, lse, delta, dq,
+        *_bhn_strides(q, k, v, do),
+        pad8.stride(0) if pad8 is not None else 0, stride_lnh,
+        H, N, NG, window, max(window // 2, 1), chunk, r,
+        HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        BLOCK_N=BLOCK_N, BLOCK_G=max(16, min(BLOCK_N, next_pow2(max(NG, 1)))), **common,
+    )
+    return dq
+
+
+def _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chunk, r):
+    """Gradients of the projected kg, vg (B, H, NG, D, accumulation dtype) by _ls_bwd_dkv_global_kernel:
+    per-split partials summed in a fixed order (deterministic)."""
+    B, H, N, D = q.shape
+    NG = kg.shape[2]
+    BLOCK_N, common = _bwd_launch_args(q, causal, "dkv_global")
+    BLOCK_M, BLOCK_G = common["BLOCK_M"], max(16, min(BLOCK_N, next_pow2(NG)))
+    n_gblk = triton.cdiv(NG, BLOCK_G)
+    n_split = 1 if causal else max(1, min(triton.cdiv(N, BLOCK_M), 512 // (B * H * n_gblk)))
+    split_len = triton.cdiv(triton.cdiv(N, n_split), BLOCK_M) * BLOCK_M
+    n_split = triton.cdiv(N, split_len)
+    dkg_part = torch.empty(n_split, B, H, NG, D, dtype=scalars.dtype, device=q.device)
+    dvg_part = torch.empty_like(dkg_part)
+    _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
+        q, kg, vg, gvis, scalars, do, lse, delta, dkg_part, dvg_part,
+        *_bhn_strides(q, do),
+        H, N, NG, chunk, r, split_len,
+        BLOCK_G=BLOCK_G, **common,
+    )
+    return dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
+
+
+def _launch_bwd_dkv(q, k, v, pad8, ln_local, scalars, do, lse, delta, dk_src, dv_src, src_mode, window, causal):
+    """Window dK, dV (k's dtype) by _ls_bwd_dkv_kernel, with the LN_L backward and, by src_mode (1: after
+    LN_L, 2: before), the projection's gradients dk_src, dv_src added; also the per-block LN_L weight and
+    bias gradient partials (B, H, n_kblk, D)."""
+    B, H, N, D = q.shape
+    acc = scalars.dtype
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, q.device)
+    BLOCK_N, common = _bwd_launch_args(q, causal, "dkv")  # programs own BLOCK_N keys, visit BLOCK_M queries
+    n_kblk = triton.cdiv(N, BLOCK_N)
+    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)  # contiguous: the kernel indexes it so
+    dv = torch.empty_like(dk)
+    dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=q.device)
+    dlnb_part = torch.empty_like(dlnw_part)
+    _ls_bwd_dkv_kernel[(n_kblk, H, B)](
+        q, k, v, pad8 if pad8 is not None else torch.empty(1, dtype=torch.int8, device=q.device),
+        lnw, lnb, scalars, do, lse, delta,
+        dk_src if dk_src is not None else delta, dv_src if dv_src is not None else delta,
+        dk, dv, dlnw_part, dlnb_part,
+        *_bhn_strides(q, k, v, do),
+        pad8.stride(0) if pad8 is not None else 0, stride_lnh,
+        H, N, window, max(window // 2, 1),
+        HAS_LOCAL=window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        BLOCK_N=BLOCK_N, **common,
+    )
+    return dk, dv, dlnw_part, dlnb_part
 
 
 def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, project_after_ln, pad, scale, eps,
@@ -472,37 +579,16 @@ def _ls_forward(q, k, v, proj, window, causal, chunk, ln_local, ln_global, proje
     scalars = _scalars(scale, eps, q.dtype, device)
     acc = scalars.dtype
     pad8 = pad.contiguous().view(torch.int8) if pad is not None else None
+    r = proj.shape[-1] if proj is not None else 1
     if proj is not None:
         kg, vg, k_raw, v_raw, col_lse = projection_forward(
             proj, k, v, pad8, ln_local if project_after_ln else None, ln_global, causal, chunk, scalars)
-        gvis = _projected_visibility(pad, B, N, proj.shape[-1], causal, chunk, device)
     else:
         kg = vg = k_raw = v_raw = col_lse = torch.empty(B, H, 0, D, dtype=acc, device=device)
-        gvis = torch.empty(B, 0, dtype=torch.int8, device=device)
-    NG = kg.shape[2]
-    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _fwd_config(D, q.dtype)
-    BLOCK_D = max(16, next_pow2(D))
-    BLOCK_G = max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
-    o = torch.empty_like(q)
-    store_acc = store_acc and q.dtype in (torch.float16, torch.bfloat16)
-    o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if store_acc else o
-    lse = torch.empty(B, H, N, dtype=acc, device=device)
-    grid = (triton.cdiv(N, BLOCK_M), H, B)
-    _ls_fwd_kernel[grid](
-        q, k, v, kg, vg, gvis, pad8 if pad8 is not None else gvis, lnw, lnb, scalars, o, o_acc, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        pad8.stride(0) if pad8 is not None else 0, stride_lnh,
-        H, N, NG, window, max(window // 2, 1), chunk, proj.shape[-1] if proj is not None else 1,
-        HEAD_DIM=D, CAUSAL=causal, HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0,
-        HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None, IS_FP64=q.dtype == torch.float64,
-        PRECISION="ieee", STORE_ACC=store_acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G,
-        BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages,
-    )
-    return o, (o_acc if store_acc else o), lse, (kg, vg, k_raw, v_raw, col_lse)
+    gvis = _projected_visibility(pad, B, N, r, causal, chunk, device, kg.shape[2])
+    o, o_acc, lse = _launch_fwd(q, k, v, kg, vg, gvis, pad8, ln_local, scalars, window, causal, chunk, r,
+                                store_acc)
+    return o, o_acc, lse, (kg, vg, k_raw, v_raw, col_lse)
 
 
 def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, ln_local, ln_global,
@@ -518,57 +604,15 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
     kg, vg, k_raw, v_raw, col_lse = saved_proj
     NG = kg.shape[2]
     r = proj.shape[-1] if proj is not None else 1
-    gvis = _projected_visibility(pad, B, N, r, causal, chunk, device) if NG > 0 else \
-        torch.empty(B, 0, dtype=torch.int8, device=device)
-    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
-    cfg = _bwd_config(D, q.dtype)
-    BLOCK_D = max(16, next_pow2(D))
-    is_fp64 = q.dtype == torch.float64
-    pad_arg = pad8 if pad8 is not None else gvis
-    stride_padb = pad8.stride(0) if pad8 is not None else 0
-    half = max(window // 2, 1)
-
-    def common(kernel):
-        BLOCK_M, BLOCK_N, num_warps, num_stages = cfg[kernel]
-        return dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=is_fp64, PRECISION="ieee", BLOCK_M=BLOCK_M,
-                    BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
-
-    BLOCK_M, BLOCK_N = cfg["dq"][:2]
-    BLOCK_G = max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
-    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
-    _ls_bwd_dq_kernel[(triton.cdiv(N, BLOCK_M), H, B)](
-        q, k, v, kg, vg, gvis, pad_arg, lnw, lnb, scalars, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        stride_padb, stride_lnh,
-        H, N, NG, window, half, chunk, r,
-        HAS_LOCAL=window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
-        BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G, **common("dq"),
-    )
+    gvis = _projected_visibility(pad, B, N, r, causal, chunk, device, NG)
+    dq = _launch_bwd_dq(q, k, v, kg, vg, gvis, pad8, ln_local, scalars, do, lse, delta, window, causal, chunk, r)
 
     dproj = dlng_w = dlng_b = None
     dk_src = dv_src = None
     if proj is not None and NG == 0:  # causal, no full chunk: proj is never used
         dproj = torch.zeros_like(proj)
     elif proj is not None:
-        BLOCK_M, BLOCK_N = cfg["dkv_global"][:2]
-        BLOCK_G = max(16, min(BLOCK_N, next_pow2(NG)))
-        n_gblk = triton.cdiv(NG, BLOCK_G)
-        n_split = 1 if causal else max(1, min(triton.cdiv(N, BLOCK_M), 512 // (B * H * n_gblk)))
-        split_len = triton.cdiv(triton.cdiv(N, n_split), BLOCK_M) * BLOCK_M
-        n_split = triton.cdiv(N, split_len)
-        dkg_part = torch.empty(n_split, B, H, NG, D, dtype=acc, device=device)
-        dvg_part = torch.empty_like(dkg_part)
-        _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
-            q, kg, vg, gvis, scalars, do, lse, delta, dkg_part, dvg_part,
-            q.stride(0), q.stride(1), q.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            H, N, NG, chunk, r, split_len,
-            BLOCK_G=BLOCK_G, **common("dkv_global"),
-        )
-        dkg, dvg = dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
+        dkg, dvg = _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chunk, r)
         if ln_global is not None:  # LN_G backward on the small (B, H, NG, D) tensors
             with torch.enable_grad():
                 leaves = [k_raw.detach(), v_raw.detach(), ln_global[0].detach().to(acc), ln_global[1].detach().to(acc)]
@@ -582,26 +626,9 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
             proj, k, v, pad8, ln_local if project_after_ln else None, causal, chunk, scalars,
             col_lse, k_raw, v_raw, dk_raw, dv_raw)
 
-    BLOCK_N = cfg["dkv"][1]  # programs own BLOCK_N keys and visit BLOCK_M queries at a time
-    n_kblk = triton.cdiv(N, BLOCK_N)
-    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=device)  # contiguous: the kernel indexes it so
-    dv = torch.empty_like(dk)
-    dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=device)
-    dlnb_part = torch.empty_like(dlnw_part)
     src_mode = 0 if dk_src is None else (1 if project_after_ln else 2)
-    _ls_bwd_dkv_kernel[(n_kblk, H, B)](
-        q, k, v, pad_arg, lnw, lnb, scalars, do, lse, delta,
-        dk_src if dk_src is not None else delta, dv_src if dv_src is not None else delta,
-        dk, dv, dlnw_part, dlnb_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        stride_padb, stride_lnh,
-        H, N, window, half,
-        HAS_LOCAL=window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
-        BLOCK_N=BLOCK_N, **common("dkv"),
-    )
+    dk, dv, dlnw_part, dlnb_part = _launch_bwd_dkv(q, k, v, pad8, ln_local, scalars, do, lse, delta,
+                                                   dk_src, dv_src, src_mode, window, causal)
     dlnl_w = dlnl_b = None
     if ln_local is not None:
         dims = (0, 2) if ln_local[0].dim() == 2 else (0, 1, 2)
