@@ -5,9 +5,10 @@ scored only against its window keys, plus the projected keys. Bidirectional
 windows are a strided ``unfold`` view of the keys; causal ones are two key blocks
 per segment of w queries (the segment's own keys and the previous segment's),
 reshapes of k and v. The window part and the projected part are partial
-softmaxes, each returning (row max, unnormalised output, normaliser), merged
-exactly into ONE softmax at the end, as split-KV attention kernels do. Row maxima
-are detached: the merged result does not depend on them, so gradients are exact.
+softmaxes, each returning (row logsumexp, normalised output), merged exactly into
+ONE softmax at the end, as split-KV attention kernels do: each output weighted by
+exp(its logsumexp - the union's). Row maxima used for stability are detached: the
+result does not depend on them, so gradients are exact.
 
 Matrix products run in the input dtype; LayerNorm, softmax statistics and the
 merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
@@ -124,24 +125,20 @@ def _partial_fused(q, k, v, visible, rows, scale):
 
 def _fused_call(q, k, v, bias, seen, scale, heads):
     """One call of the fused kernel on (..., L, D) inputs folded to (n, heads, L, D); bias (..., M, K) with
-    -inf for hidden keys, or None; seen broadcasts to (..., M): rows that see a key. Returns (lse, o * z, z)."""
+    -inf for hidden keys, or None; seen broadcasts to (..., M): rows that see a key. Returns (lse, o)."""
     lead, M = q.shape[:-2], q.shape[-2]
     fold = lambda x: None if x is None else x.reshape(-1, heads, *x.shape[-2:])  # noqa: E731
     o, lse = _FlashCPU.apply(fold(q), fold(k), fold(v), fold(bias), scale)
-    o, lse = o.reshape(*lead, M, -1), lse.reshape(*lead, M)
-    lse = torch.where(seen, lse, float("-inf"))  # the kernel gives lse = 0 to rows that see nothing
-    m = torch.where(torch.isfinite(lse), lse, 0.0).detach()
-    z = torch.exp(lse - m)  # 1 (0 for rows that see nothing), carrying the gradient of lse
-    return m, (o * z[..., None] if torch.is_grad_enabled() else o), z  # o is 0 where z is 0
+    # the kernel gives lse = 0 to rows that see nothing (and o = 0): their weight in a merge must be 0
+    return torch.where(seen, lse.reshape(*lead, M), float("-inf")), o.reshape(*lead, M, -1)
 
 
 def _partial(q, k, v, visible, scale, rows=None):
     """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K]
     (None: every key visible); rows, if given, broadcasts to [..., M]: False for rows that see no key.
 
-    Returns the detached row max [..., M], the unnormalised output [..., M, D] and
-    the normaliser [..., M], all in the accumulation dtype. (The fused CPU path returns
-    the row logsumexp as "max", so its normaliser is 1, or 0 for rows that see nothing.)
+    Returns the row logsumexp [..., M] (-inf for rows that see nothing) and the normalised
+    output [..., M, D] (0 there), in the accumulation dtype.
     """
     if _fused(q) and q.numel() > 0 and k.shape[-2] > 0:  # the kernel divides by zero on empty inputs
         return _partial_fused(q, k, v, visible, rows, scale)
@@ -155,33 +152,39 @@ def _partial(q, k, v, visible, scale, rows=None):
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = s.sub_(m).exp_()  # [..., M, K]
-    num = torch.matmul(p.to(v.dtype), v).to(acc)  # [..., M, D]
-    return m.squeeze(-1), num, p.sum(-1)
+    z = p.sum(-1, keepdim=True)  # [..., M, 1], 0 for rows that see nothing
+    z_safe = torch.where(z > 0, z, 1.0)
+    o = torch.matmul(p.to(v.dtype), v).to(acc) / z_safe  # [..., M, D]
+    return torch.where(z > 0, m + torch.log(z_safe), float("-inf")).squeeze(-1), o
 
 
 def _combine(parts):
-    """Partial softmaxes over disjoint key sets -> one partial softmax (m, num, z) over their union."""
-    m = parts[0][0]
-    for part in parts[1:]:
-        m = torch.maximum(m, part[0])
-    num = z = None
-    for m_i, num_i, z_i in parts:
-        alpha = torch.exp(m_i - m)
-        if num is None:
-            num, z = num_i * alpha[..., None], z_i * alpha
+    """Partial softmaxes (lse, o) over disjoint key sets -> (lse, o) over their union. Rows that see
+    nothing anywhere get lse = -inf and o = 0, with finite gradients."""
+    m = parts[0][0].detach()
+    for lse_i, _ in parts[1:]:
+        m = torch.maximum(m, lse_i.detach())
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    w = [torch.exp(lse_i - m) for lse_i, _ in parts]  # [..., M]
+    z = w[0]
+    for w_i in w[1:]:
+        z = z + w_i
+    z_safe = torch.where(z > 0, z, 1.0)
+    o = None
+    for (_, o_i), w_i in zip(parts, w):
+        c = (w_i / z_safe)[..., None]
+        if o is None:
+            o = o_i * c
         elif torch.is_grad_enabled():
-            num, z = num + num_i * alpha[..., None], z + z_i * alpha
+            o = o + o_i * c
         else:  # in place: one (B, H, N, D) buffer less
-            num.addcmul_(num_i, alpha[..., None])
-            z.addcmul_(z_i, alpha)
-    return m, num, z
+            o.addcmul_(o_i, c)
+    return torch.where(z > 0, m + torch.log(z_safe), float("-inf")), o
 
 
 def _merge(parts):
-    """Combine partial softmaxes over disjoint key sets into one softmax output."""
-    _, num, z = _combine(parts)
-    z = torch.where(z > 0, z, torch.ones_like(z))[..., None]
-    return num / z if torch.is_grad_enabled() else num.div_(z)
+    """The output of one softmax over the union of the partials' key sets."""
+    return _combine(parts)[1] if len(parts) > 1 else parts[0][1]
 
 
 def _segments(x, seg, n_seg):
@@ -206,8 +209,8 @@ def _local_bidirectional(q, k, v, pad, w, scale):
     k_win = _windows(k, e, tail + e, size, w)  # (B, H, S, w + 2e, D)
     v_win = _windows(v, e, tail + e, size, w)
     key_pad = F.pad(pad, (e, tail + e), value=True).unfold(1, size, w)  # (B, S, w + 2e)
-    m, num, z = _partial(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale)
-    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+    lse, o = _partial(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale)
+    return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
 def _local_causal(q, k, v, pad, w, scale):
@@ -225,12 +228,12 @@ def _local_causal(q, k, v, pad, w, scale):
     if pad.any():  # key padding: a mask per sequence
         key_ok = ~F.pad(pad, (0, S * w - N), value=True).reshape(B, 1, S, 1, w)
         own, prev = own & key_ok, prev & key_ok[:, :, :-1]
-    m, num, z = _partial(q_seg, k_seg, v_seg, own, scale)
+    lse, o = _partial(q_seg, k_seg, v_seg, own, scale)
     if S > 1:  # segments 1 .. S - 1 over the keys of segments 0 .. S - 2
-        m_p, num_p, z_p = _combine([(m[:, :, 1:], num[:, :, 1:], z[:, :, 1:]),
-                                    _partial(q_seg[:, :, 1:], k_seg[:, :, :-1], v_seg[:, :, :-1], prev, scale)])
-        m, num, z = (torch.cat([x[:, :, :1], y], 2) for x, y in ((m, m_p), (num, num_p), (z, z_p)))
-    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+        later = _combine([(lse[:, :, 1:], o[:, :, 1:]),
+                          _partial(q_seg[:, :, 1:], k_seg[:, :, :-1], v_seg[:, :, :-1], prev, scale)])
+        lse, o = (torch.cat([x[:, :, :1], y], 2) for x, y in zip((lse, o), later))
+    return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
 def _projected_bidirectional(proj, k_src, v_src, pad, ln_global, eps):
@@ -282,7 +285,7 @@ def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, share
     if not parts:  # queries of the first chunk see no projected vector: zeros, still in the autograd graph
         parts.append(_partial(q, k_g[:, :, :r], v_g[:, :, :r], chunk_valid[:, None, None, :0].any(-1, keepdim=True),
                               scale))
-    return _combine(parts)
+    return _combine(parts) if len(parts) > 1 else parts[0]
 
 
 def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
@@ -303,7 +306,7 @@ def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
         args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale)
         parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False) if use_ckpt
                      else _causal_global_group(*args, shared=shared))
-    return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(3))
+    return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(2))
 
 
 def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global,

@@ -79,8 +79,8 @@ def projected_visibility(key_padding_mask, B, N, rank, *, causal=False, chunk=16
 # ----------------------------------------------------------------------------- blocked attention
 
 def _partial_dropout(q, k, v, visible, scale, p):
-    """``blocked._partial`` with dropout on the probabilities: the numerator sums dropped-out,
-    rescaled probabilities, the normaliser all of them, so the merged output is
+    """``blocked._partial`` with dropout on the probabilities: the output sums dropped-out,
+    rescaled probabilities, the logsumexp counts all of them, so the merged output is
     sum_j dropout(a_j) v_j with a the softmax over every visible key."""
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
@@ -88,8 +88,10 @@ def _partial_dropout(q, k, v, visible, scale, p):
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
-    num = torch.matmul(F.dropout(e, p, training=True).to(v.dtype), v).to(acc)
-    return m.squeeze(-1), num, e.sum(-1)
+    z = e.sum(-1, keepdim=True)
+    z_safe = torch.where(z > 0, z, 1.0)
+    o = torch.matmul(F.dropout(e, p, training=True).to(v.dtype), v).to(acc) / z_safe
+    return torch.where(z > 0, m + torch.log(z_safe), float("-inf")).squeeze(-1), o
 
 
 def _local_bidirectional_dropout(q, k, v, pad, w, scale, p):
@@ -103,8 +105,8 @@ def _local_bidirectional_dropout(q, k, v, pad, w, scale, p):
     k_win = blocked._windows(k, e, tail + e, size, w)
     v_win = blocked._windows(v, e, tail + e, size, w)
     key_pad = F.pad(pad, (e, tail + e), value=True).unfold(1, size, w)
-    m, num, z = _partial_dropout(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale, p)
-    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+    lse, o = _partial_dropout(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale, p)
+    return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
 def _local_causal_dropout(q, k, v, pad, w, scale, p):
@@ -119,8 +121,8 @@ def _local_causal_dropout(q, k, v, pad, w, scale, p):
     i = torch.arange(w, device=q.device)[:, None]
     u = torch.arange(size, device=q.device)[None, :]
     visible = (u >= i) & (u < i + w) & ~key_pad[:, None, :, None, :]
-    m, num, z = _partial_dropout(q_seg, k_win, v_win, visible, scale, p)
-    return m.reshape(B, H, -1)[:, :, :N], num.reshape(B, H, -1, D)[:, :, :N], z.reshape(B, H, -1)[:, :, :N]
+    lse, o = _partial_dropout(q_seg, k_win, v_win, visible, scale, p)
+    return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
 def attend_projected_torch(q, k, v, kg, vg, *, window, causal, chunk, rank, key_padding_mask, scale,
