@@ -265,7 +265,7 @@ def predict(history, p):
 
 def skip_reason(method, mode, device):
     if method == "flex" and mode == "fwd+bwd" and device == "cpu":
-        return "FlexAttention has no backward on CPU (NotImplementedError)"
+        return "FlexAttention has no backward on CPU (it raises)"
     return None
 
 

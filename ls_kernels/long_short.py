@@ -18,6 +18,7 @@ from .blocked import layer_norm, ls_attention_torch
 from .checks import check_inputs
 from .kernel_utils import (_dot, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows, _normalize_rows,
                            ln_params, next_pow2)
+from .projected_torch import projected_visibility
 from .projection import projection_backward, projection_forward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -448,17 +449,11 @@ def _scalars(scale, eps, dtype, device):
 
 
 def _projected_visibility(pad, B, N, r, causal, chunk, device, NG):
-    """(B, NG) int8: whether each projected vector comes from a sequence / chunk with real tokens."""
+    """(B, NG) int8, contiguous: whether each projected vector comes from a sequence / chunk with real tokens."""
     if NG == 0:
         return torch.empty(B, 0, dtype=torch.int8, device=device)
-    if pad is None:
-        n = r * (N // chunk if causal else 1)
-        return torch.ones(B, n, dtype=torch.int8, device=device)
-    real = ~pad
-    if causal:
-        nc = N // chunk
-        real = real[:, :nc * chunk].reshape(B, nc, chunk)
-    return real.any(-1, keepdim=not causal).repeat_interleave(r, dim=1).to(torch.int8)
+    vis = projected_visibility(pad, B, N, r, causal=causal, chunk=chunk, device=device)
+    return vis.to(torch.int8).contiguous()
 
 
 def _bhn_strides(*xs):

@@ -112,6 +112,21 @@ def _none_if(grads, like, needs):
     return tuple(None if x is None or not need else g for g, x, need in zip(grads, like, needs))
 
 
+def _register_blocked_autograd(fwd_op, bwd_op, n_tensors, n_grads):
+    """Autograd of a blocked-path op: its first n_tensors inputs are saved, the rest is its config;
+    bwd_op(grad_out, *saved, *config) gives the gradients of the first n_grads inputs."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        ctx.cfg = inputs[n_tensors:]
+
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        grads = bwd_op(grad_out, *saved, *ctx.cfg)
+        return (*_none_if(grads, saved[:n_grads], ctx.needs_input_grad), *[None] * (n_tensors - n_grads + len(ctx.cfg)))
+
+    fwd_op.register_autograd(backward, setup_context=setup)
+
+
 # ============================================================================ ls_attention, blocked
 
 @torch.library.custom_op("ls_kernels::attention_torch_fwd", mutates_args=())
@@ -157,18 +172,7 @@ def _(grad_out, q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, *args):
     return _fake_grads((q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b))
 
 
-def _torch_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
-    ctx.cfg = inputs[9:]
-
-
-def _torch_backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    grads = attention_torch_bwd(grad_out, *saved, *ctx.cfg)
-    return (*_none_if(grads, saved[:8], ctx.needs_input_grad), None, None, None, None, None, None, None)
-
-
-attention_torch_fwd.register_autograd(_torch_backward, setup_context=_torch_setup)
+_register_blocked_autograd(attention_torch_fwd, attention_torch_bwd, n_tensors=9, n_grads=8)
 
 
 # ============================================================================ ls_attention, Triton
@@ -310,18 +314,7 @@ def _(grad_out, q, k, v, kg, vg, *args):
     return _fake_grads((q, k, v, kg, vg))
 
 
-def _projected_torch_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-    ctx.cfg = inputs[6:]
-
-
-def _projected_torch_backward(ctx, grad_out):
-    saved = ctx.saved_tensors
-    grads = projected_torch_bwd(grad_out, *saved, *ctx.cfg)
-    return (*_none_if(grads, saved[:5], ctx.needs_input_grad), None, None, None, None, None, None)
-
-
-projected_torch_fwd.register_autograd(_projected_torch_backward, setup_context=_projected_torch_setup)
+_register_blocked_autograd(projected_torch_fwd, projected_torch_bwd, n_tensors=6, n_grads=5)
 
 
 # ============================================================================ ls_attention_projected, Triton
