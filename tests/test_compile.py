@@ -116,18 +116,23 @@ def test_compile_with_dropout_fullgraph():
         torch.testing.assert_close(compiled(ids, pad), model(ids, pad), atol=1e-6, rtol=1e-6)
 
 
+def _check_compiled(compiled, model, ids, pad, atol, rtol, grad_rtol):
+    """Loss and parameter gradients of the compiled model (compiled once, no recompile) against eager."""
+    with _strict(1):
+        out_c, grads_c = _loss_and_grads(compiled, ids, pad)
+    out_e, grads_e = _loss_and_grads(model, ids, pad)
+    torch.testing.assert_close(out_c, out_e, atol=atol, rtol=rtol)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, atol=atol, rtol=grad_rtol)
+
+
 def test_compile_inductor_forward_backward():
     torch.manual_seed(0)
     model = TinyModel(window=4, rank=2, causal=True, chunk=4)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    ids, pad = _batch(24, 0)
-    with _strict(1):
-        out_c, grads_c = _loss_and_grads(compiled, ids, pad)
-    out_e, grads_e = _loss_and_grads(model, ids, pad)
-    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # inductor fuses and reorders the fp32 reductions around the op: rounding-level differences
+    _check_compiled(compiled, model, *_batch(24, 0), atol=1e-5, rtol=1e-5, grad_rtol=1e-4)
 
 
 @triton_only
@@ -139,13 +144,7 @@ def test_compile_triton_backend(dual_ln):
     model = TinyModel(window=4, rank=2, causal=False, dual_ln=dual_ln, backend="triton").to(device)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    ids, pad = (t.to(device) for t in _batch(20, 0))
-    with _strict(1):
-        out_c, grads_c = _loss_and_grads(compiled, ids, pad)
-    out_e, grads_e = _loss_and_grads(model, ids, pad)
-    torch.testing.assert_close(out_c, out_e, atol=1e-6, rtol=1e-6)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    _check_compiled(compiled, model, *(t.to(device) for t in _batch(20, 0)), atol=1e-6, rtol=1e-6, grad_rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- opcheck
