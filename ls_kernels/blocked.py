@@ -92,7 +92,7 @@ def _foldable(x, n):
     return all(a == b * size for (_, a), (size, b) in zip(dims, dims[1:]))
 
 
-def _partial_fused(q, k, v, visible, rows, scale):
+def _partial_fused(q, k, v, visible, scale):
     """``_partial`` by the fused CPU kernel, with a -inf bias where ``visible`` is False.
 
     The kernel takes (batch, heads, L, D) and lays its gradients out as (batch, L, heads, D): with
@@ -101,54 +101,41 @@ def _partial_fused(q, k, v, visible, rows, scale):
     included); else all but the last (overlapping windows, a mask per segment); else they go one
     index of dim 0 at a time."""
     lead, M, K = q.shape[:-2], q.shape[-2], k.shape[-2]
-    seen = torch.ones((), dtype=torch.bool, device=q.device) if rows is None else rows
-    bias = None
-    if visible is not None:
-        visible = visible.reshape((1,) * (q.dim() - visible.dim()) + visible.shape)
-        visible = visible.expand(*visible.shape[:-1], K)
-        seen = seen & visible.any(-1)
-        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-        bias = bias.expand(*lead, M, K)
-    xs = [x for x in (q, k, v, bias) if x is not None]
+    visible = visible.reshape((1,) * (q.dim() - visible.dim()) + visible.shape)
+    visible = visible.expand(*visible.shape[:-1], K)
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    bias = bias.expand(*lead, M, K)
     for n_batch, heads in ((len(lead), 1), (len(lead) - 1, lead[-1])):
-        if all(_foldable(x, n_batch) for x in xs):
-            return _fused_call(q, k, v, bias, seen, scale, heads)
-    seen = seen.reshape((1,) * (len(lead) + 1 - seen.dim()) + seen.shape)
+        if all(_foldable(x, n_batch) for x in (q, k, v, bias)):
+            return _fused_call(q, k, v, bias, visible.any(-1), scale, heads)
     if lead[0] == 1:  # squeeze, not select: its backward is a view
-        out = _partial_fused(q[0], k[0], v[0], None if visible is None else visible[0], seen[0], scale)
-        return tuple(x[None] for x in out)
-    vis = [None] * lead[0] if visible is None else visible.expand(lead[0], *visible.shape[1:]).unbind(0)
-    seen = seen.expand(lead[0], *seen.shape[1:]).unbind(0)  # unbind: its backward is one stack
-    parts = [_partial_fused(*x, scale) for x in zip(q.unbind(0), k.unbind(0), v.unbind(0), vis, seen)]
+        return tuple(x[None] for x in _partial_fused(q[0], k[0], v[0], visible[0], scale))
+    vis = visible.expand(lead[0], *visible.shape[1:]).unbind(0)  # unbind: its backward is one stack
+    parts = [_partial_fused(*x, scale) for x in zip(q.unbind(0), k.unbind(0), v.unbind(0), vis)]
     return tuple(torch.stack(x) for x in zip(*parts))
 
 
 def _fused_call(q, k, v, bias, seen, scale, heads):
     """One call of the fused kernel on (..., L, D) inputs folded to (n, heads, L, D); bias (..., M, K) with
-    -inf for hidden keys, or None; seen broadcasts to (..., M): rows that see a key. Returns (lse, o)."""
+    -inf for hidden keys; seen broadcasts to (..., M): rows that see a key. Returns (lse, o)."""
     lead, M = q.shape[:-2], q.shape[-2]
-    fold = lambda x: None if x is None else x.reshape(-1, heads, *x.shape[-2:])  # noqa: E731
+    fold = lambda x: x.reshape(-1, heads, *x.shape[-2:])  # noqa: E731
     o, lse = _FlashCPU.apply(fold(q), fold(k), fold(v), fold(bias), scale)
     # the kernel gives lse = 0 to rows that see nothing (and o = 0): their weight in a merge must be 0
     return torch.where(seen, lse.reshape(*lead, M), float("-inf")), o.reshape(*lead, M, -1)
 
 
-def _partial(q, k, v, visible, scale, rows=None):
-    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K]
-    (None: every key visible); rows, if given, broadcasts to [..., M]: False for rows that see no key.
+def _partial(q, k, v, visible, scale):
+    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
 
     Returns the row logsumexp [..., M] (-inf for rows that see nothing) and the normalised
     output [..., M, D] (0 there), in the accumulation dtype.
     """
     if _fused(q) and q.numel() > 0 and k.shape[-2] > 0:  # the kernel divides by zero on empty inputs
-        return _partial_fused(q, k, v, visible, rows, scale)
-    if rows is not None:
-        visible = rows[..., None] if visible is None else visible & rows[..., None]
+        return _partial_fused(q, k, v, visible, scale)
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # [..., M, K]
-    s.mul_(scale)
-    if visible is not None:
-        s.masked_fill_(~visible, float("-inf"))
+    s.mul_(scale).masked_fill_(~visible, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = s.sub_(m).exp_()  # [..., M, K]
