@@ -1,3 +1,3 @@
-from .ls_reference import ls_attention_ref
+from .ls_reference import ls_attention_ref, window_mask
 
-__all__ = ["ls_attention_ref"]
+__all__ = ["ls_attention_ref", "window_mask"]

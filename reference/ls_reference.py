@@ -36,6 +36,20 @@ def _masked_softmax(x, visible, dim):
     return torch.softmax(x, dim) * any_visible
 
 
+def window_mask(N, w, causal, device=None):
+    """(N, N) bool, [query t, key j]: j is in t's window. Causal: t - w < j <= t. Bidirectional: j in
+    t's segment of w positions extended by e = max(w // 2, 1) on both sides. w = 0: no window."""
+    t = torch.arange(N, device=device)[:, None]
+    j = torch.arange(N, device=device)[None, :]
+    if w == 0:
+        return torch.zeros(N, N, dtype=torch.bool, device=device)
+    if causal:
+        return (j <= t) & (j > t - w)
+    e = max(w // 2, 1)
+    seg_start = (t // w) * w
+    return (j >= seg_start - e) & (j < seg_start + w + e)
+
+
 def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
                      ln_local=None, ln_global=None, project_after_ln=False,
                      key_padding_mask=None, scale=None, eps=1e-5, upcast=True):
@@ -59,16 +73,7 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
     k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
 
     t = torch.arange(N, device=q.device)[:, None]  # query positions
-    j = torch.arange(N, device=q.device)[None, :]  # key positions
-    if w == 0:
-        local = torch.zeros(N, N, dtype=torch.bool, device=q.device)
-    elif causal:
-        local = (j <= t) & (j > t - w)
-    else:
-        e = max(w // 2, 1)
-        seg_start = (t // w) * w
-        local = (j >= seg_start - e) & (j < seg_start + w + e)
-    local = local[None, None] & ~pad[:, None, None, :]  # (B, 1, N, N)
+    local = window_mask(N, w, causal, q.device)[None, None] & ~pad[:, None, None, :]  # (B, 1, N, N)
 
     keys, values, visible = [], [], []
     if proj is not None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ls_kernels import LongShortAttention, ls_attention_projected
 from ls_kernels.long_short import INTERPRET
-from reference import ls_attention_ref
+from reference import ls_attention_ref, window_mask
 
 E, H = 16, 2
 D = E // H
@@ -27,16 +27,7 @@ def _dense_projected(q, k, v, kg, vg, *, window, causal, chunk, rank, pad):
     """Dense statement of attention over window keys and given projected keys (SPEC.md), fp64."""
     B, _, N, _ = q.shape
     t = torch.arange(N)[:, None]
-    j = torch.arange(N)[None, :]
-    if window == 0:
-        local = torch.zeros(N, N, dtype=torch.bool)
-    elif causal:
-        local = (j <= t) & (j > t - window)
-    else:
-        e = max(window // 2, 1)
-        start = (t // window) * window
-        local = (j >= start - e) & (j < start + window + e)
-    local = local[None, None] & ~pad[:, None, None, :]
+    local = window_mask(N, window, causal)[None, None] & ~pad[:, None, None, :]
     G = kg.shape[2]
     if causal:
         nc = N // chunk
