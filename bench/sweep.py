@@ -23,6 +23,7 @@ set as glibc's dynamic thresholds settle for large tensors).
 import argparse
 import ctypes
 import datetime
+import math
 import multiprocessing
 import os
 import resource
@@ -330,7 +331,8 @@ def parse_args(argv=None):
         a.methods = ["ls", "full_naive", "full_sdpa"] if a.quick else METHODS
     checks = [(min(a.batches) >= 1, "--batches must be >= 1"), (a.min_seqlen >= 1, "--min-seqlen must be >= 1"),
               (a.max_seqlen >= a.min_seqlen, "--max-seqlen must be >= --min-seqlen"),
-              (a.memory_budget > 0, "--memory-budget must be > 0"), (a.time_limit > 0, "--time-limit must be > 0"),
+              (0 < a.memory_budget < math.inf, f"--memory-budget must be a finite number of GiB > 0, got {a.memory_budget}"),
+              (0 < a.time_limit < math.inf, f"--time-limit must be a finite number of seconds > 0, got {a.time_limit}"),
               (a.repeats >= 1, "--repeats must be >= 1"), (a.warmup >= 1, "--warmup must be >= 1"),
               (a.threads >= 1, "--threads must be >= 1"),
               (all(getattr(a, n) is None or getattr(a, n) >= 0 for n in ("window", "rank")), "--window/--rank >= 0"),
@@ -341,7 +343,27 @@ def parse_args(argv=None):
             p.error(msg)
     if a.out is None:
         a.out = os.path.join(ROOT, "plots", f"sweep_{a.device}{'_quick' if a.quick else ''}.csv")
+    _check_out(p, a.out)
     return a
+
+
+def _check_out(parser, out):
+    """--out must be a file path whose directory can be made, and an existing file a CSV of this sweep."""
+    if os.path.isdir(out):
+        parser.error(f"--out {out} is a directory; give the path of a CSV file")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        parser.error(f"--out {out}: {parent} is not a directory")
+    if not os.path.exists(out) or os.path.getsize(out) == 0:
+        return
+    try:
+        header = list(pd.read_csv(out, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        parser.error(f"--out {out} exists but is not a CSV this sweep can extend ({type(e).__name__}: {e}); "
+                     "give another path or remove it")
+    if header != COLUMNS:
+        parser.error(f"--out {out} exists with other columns ({', '.join(map(str, header)) or 'none'}); this sweep "
+                     f"writes {', '.join(COLUMNS)}: give another path or remove it")
 
 
 def main(argv=None):

@@ -87,7 +87,9 @@ def test_plot_writes_figures_and_tables(quick, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--batches", "0"], "--batches must be >= 1"),
     (["--min-seqlen", "512", "--max-seqlen", "256"], "--max-seqlen must be >= --min-seqlen"),
-    (["--memory-budget", "0"], "--memory-budget must be > 0"),
+    (["--memory-budget", "0"], "--memory-budget must be a finite number of GiB > 0, got 0.0"),
+    (["--memory-budget", "inf"], "--memory-budget must be a finite number of GiB > 0, got inf"),
+    (["--time-limit", "nan"], "--time-limit must be a finite number of seconds > 0, got nan"),
     (["--methods", "nope"], "invalid choice: 'nope'"),
     (["--device", "cuda"], "no CUDA device"),
     (["--window", "0", "--rank", "0"], "nothing to attend to"),
@@ -97,6 +99,20 @@ def test_bad_flags_give_clear_errors(args, message):
         pytest.skip("this machine has CUDA")
     res = run("sweep.py", *args, "--out", os.devnull, check=False)
     assert res.returncode != 0 and message in res.stderr
+
+
+def test_out_that_is_a_directory_is_refused(tmp_path):
+    res = run("sweep.py", "--out", str(tmp_path), check=False)
+    assert res.returncode == 2 and f"--out {tmp_path} is a directory" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_out_csv_with_other_columns_is_refused(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    res = run("sweep.py", "--out", str(other), check=False)
+    assert res.returncode == 2 and "exists with other columns (a, b)" in res.stderr
+    assert "Traceback" not in res.stderr and other.read_text() == "a,b\n1,2\n"  # left as it was
 
 
 def test_plot_rejects_a_csv_that_is_not_a_sweep(tmp_path):
