@@ -70,9 +70,9 @@ def kernel_specs(dtype, D):
         specs.append((f"_ls_bwd_dkv_kernel[{mode}]", lsa._ls_bwd_dkv_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv_global"]
-        types = {"Q": t, "KG": acc, "VG": acc, "GVIS": "i8", "SCALARS": acc, "DO": t, "LSE": acc, "DELTA": acc,
-                 "DKG_PART": acc, "DVG_PART": acc}
-        const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
+        types = {"Q": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
+                 "DELTA": acc, "DKG_PART": acc, "DVG_PART": acc}
+        const = dict(flags, HAS_PAD=True, BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", lsa._ls_bwd_dkv_global_kernel, types, const, w, st))
 
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)

@@ -49,6 +49,11 @@ def layer_norm(x, ln, eps):
     return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
 
 
+def zero_padded(x, pad):
+    """x (B, H, N, ...) with the rows of padded positions (pad (B, N), True = padding) set to 0."""
+    return x.masked_fill(pad.reshape(pad.shape[0], 1, pad.shape[1], *(1,) * (x.dim() - 3)), 0.0)
+
+
 def masked_softmax(x, visible, dim):
     """Softmax over visible entries; a slice with nothing visible gives zeros (not NaN)."""
     any_visible = visible.any(dim, keepdim=True)
@@ -69,6 +74,8 @@ class _FlashCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale):
+        # the kernel reads rows as if their last stride were 1
+        q, k, v, bias = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, bias))
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
         ctx.save_for_backward(q, k, v, bias, o, lse)
         ctx.scale = scale
@@ -131,17 +138,20 @@ def _partial(q, k, v, visible, scale):
     Returns the row logsumexp [..., M] (-inf for rows that see nothing) and the normalised
     output [..., M, D] (0 there), in the accumulation dtype.
     """
-    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0:  # the kernel divides by zero on empty inputs
+    # the fused kernel divides by zero on empty inputs, and gives rows whose every score is -inf (an
+    # infinite key) lse = 0 instead of -inf
+    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0 and bool(torch.isfinite(k).all()):
         return _partial_fused(q, k, v, visible, scale)
     acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # [..., M, K]
+    # fp16/bf16 products accumulate in fp32, as in the kernels: fp16 scores or sums of p @ v can overflow
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # [..., M, K]
     s.mul_(scale).masked_fill_(~visible, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = s.sub_(m).exp_()  # [..., M, K]
     z = p.sum(-1, keepdim=True)  # [..., M, 1], 0 for rows that see nothing
     z_safe = torch.where(z > 0, z, 1.0)
-    o = torch.matmul(p.to(v.dtype), v).to(acc) / z_safe  # [..., M, D]
+    o = torch.matmul(p.to(v.dtype).to(acc), v.to(acc)) / z_safe  # [..., M, D], p rounded as the kernels do
     return torch.where(z > 0, m + torch.log(z_safe), float("-inf")).squeeze(-1), o
 
 
@@ -303,6 +313,8 @@ def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_glo
     acc = _acc_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    if key_padding_mask is not None:  # what padded positions hold never matters (0 * NaN would)
+        q, k, v = (zero_padded(x, pad) for x in (q, k, v))
 
     k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
     parts = []

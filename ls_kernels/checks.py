@@ -2,9 +2,12 @@
 
 Each check raises ``ValueError`` naming the argument and what it got.
 """
+import math
 import numbers
 
 import torch
+
+LOG2E = 1.4426950408889634
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
@@ -72,8 +75,8 @@ def check_inputs(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
     if window == 0 and proj is None:
         raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to; "
                          "give window > 0, proj, or both")
-    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or (causal and chunk < 1):
-        raise ValueError(f"chunk must be an int >= 1 in causal mode, got {chunk!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
     _check_ln("ln_local", ln_local, H, D, q)
@@ -88,11 +91,54 @@ def check_inputs(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
                              f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                              or not (abs(scale) < float("inf"))):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    check_scale(scale)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return window
+    return min(window, N) if N > 0 else window  # every window >= N sees the whole sequence
+
+
+def check_scale(scale):
+    """scale: None or a finite real number (Python or NumPy)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
+
+
+def max_row_norm(x):
+    return torch.linalg.vector_norm(x.detach().double(), dim=-1).amax().item() if x.numel() else 0.0
+
+
+def _ln_norm_bound(ln, D):
+    """Largest L2 norm of a LayerNorm output: |x_hat| <= sqrt(D), so |x_hat * w + b| <= sqrt(D) max|w| + max|b|."""
+    weight, bias = (x.detach().double() for x in ln)
+    return math.sqrt(D) * weight.abs().max().item() + torch.linalg.vector_norm(bias, dim=-1).max().item()
+
+
+def check_scores_fit(scale, q, key_bounds):
+    """Scores scale * q . key must be finite in the accumulation dtype (the kernels multiply them by log2(e)).
+
+    key_bounds: a function giving upper bounds of the L2 norm of every key the queries are scored against. By
+    Cauchy-Schwarz |scale * q . key| <= |scale| max|q| max|key|. Checked only for |scale| > 1 (with
+    the default 1 / sqrt(D) the scores overflow only where the inputs' own dot products do) and outside
+    torch.compile tracing (the bound needs the data)."""
+    if abs(scale) <= 1 or q.numel() == 0 or q.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bound = abs(scale) * LOG2E * max_row_norm(q) * max(key_bounds(), default=0.0)
+    if not bound <= torch.finfo(acc).max:
+        raise ValueError(f"scale = {scale!r} overflows the scores: |scale| * max|q| * max|key| * log2(e) = {bound:.3g} "
+                         f"exceeds the largest {acc} ({torch.finfo(acc).max:.3g}); use a smaller scale (default "
+                         f"1 / sqrt(D) = {1 / math.sqrt(q.shape[-1]):.3g})")
+
+
+def key_norm_bounds(k, proj, ln_local, ln_global, project_after_ln):
+    """Bounds of the L2 norms of the window keys LN_L(k) and of the projected keys LN_G(P^T k_P)
+    (convex combinations of k_P rows before LN_G)."""
+    D = k.shape[-1]
+    window = _ln_norm_bound(ln_local, D) if ln_local is not None else max_row_norm(k)
+    if proj is None:
+        return [window]
+    source = window if project_after_ln else max_row_norm(k)
+    return [window, _ln_norm_bound(ln_global, D) if ln_global is not None else source]

@@ -21,6 +21,16 @@ def _load_rows(ptr, offs, stride, mask_rows, offs_d, mask_d):
 
 
 @triton.jit
+def _real_rows(pad_base, offs, mask_rows, HAS_PAD: tl.constexpr):
+    """[R]: rows offs inside mask_rows that are not padding (pad_base: one int8 per position, nonzero = padding).
+    Loads masked with it read 0 at padded positions, so that what they hold never matters."""
+    if HAS_PAD:
+        return mask_rows & (tl.load(pad_base + offs, mask=mask_rows, other=1) == 0)
+    else:
+        return mask_rows
+
+
+@triton.jit
 def _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN: tl.constexpr):
     """LayerNorm weight and bias [BLOCK_D] of head off_h (stride_lnh = 0 when shared); zeros without LN."""
     if HAS_LN:

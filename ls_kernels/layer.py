@@ -160,6 +160,11 @@ class LongShortAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, embed_dim={self.embed_dim}), got {got}")
+        weight = self.q_proj.weight
+        if x.dtype != weight.dtype and not (x.device.type == weight.device.type
+                                            and torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: cast x or the "
+                             f"layer (layer.to({x.dtype})), or run under torch.autocast")
         B, N, E = x.shape
         H, D, r = self.num_heads, self.head_dim, self.rank
 

@@ -15,15 +15,14 @@ import triton
 import triton.language as tl
 
 from .blocked import layer_norm, ls_attention_torch
-from .checks import check_inputs
+from .checks import LOG2E, check_inputs, check_scores_fit, key_norm_bounds
 from .kernel_utils import (_dot, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows, _normalize_rows,
-                           ln_params, next_pow2)
+                           _real_rows, ln_params, next_pow2)
 from .projected_torch import projected_visibility
 from .projection import projection_backward, projection_forward
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 128
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -101,29 +100,29 @@ def _projected_range(last_m, NG, CHUNK, RANK, CAUSAL: tl.constexpr):
 def _window_tile(k_base, v_base, stride_kn, stride_vn, pad_base, offs_m, offs_n, offs_d, mask_d, ln_w, ln_b,
                  eps, zero, q, N, WINDOW, HALF, HAS_LN: tl.constexpr, HAS_PAD: tl.constexpr,
                  CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Window keys and values [BLOCK_N, BLOCK_D] (LN_L applied, in q's dtype) and their visibility
-    [BLOCK_M, BLOCK_N] to the queries offs_m."""
-    mask_n = offs_n < N
-    k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d)
-    v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d)
+    """Window keys and values [BLOCK_N, BLOCK_D] (LN_L applied, in q's dtype; zeros at padded positions) and
+    their visibility [BLOCK_M, BLOCK_N] to the queries offs_m."""
+    key_ok = _real_rows(pad_base, offs_n, offs_n < N, HAS_PAD)  # [BLOCK_N]
+    k = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)
+    v = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
     if HAS_LN:
         k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
         v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(q.dtype)
-    visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL)
-    if HAS_PAD:
-        visible = visible & (tl.load(pad_base + offs_n, mask=mask_n, other=1) == 0)[None, :]
+    visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL) & key_ok[None, :]
     return k, v, visible
 
 
 @triton.jit
 def _projected_tile(KG, VG, GVIS, g_base, gvis_base, offs_m, offs_g, g_hi, offs_d, mask_d, q, CHUNK, RANK,
                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Projected keys and values [BLOCK_G, BLOCK_D] in q's dtype and their visibility [BLOCK_M, BLOCK_G]."""
+    """Projected keys and values [BLOCK_G, BLOCK_D] in q's dtype (zeros where invisible to every query) and
+    their visibility [BLOCK_M, BLOCK_G]."""
     mask_g = offs_g < g_hi
-    rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
-    kg = tl.load(KG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
-    vg = tl.load(VG + rows, mask=mask_g[:, None] & mask_d[None, :], other=0.0).to(q.dtype)
     gvis = tl.load(GVIS + gvis_base + offs_g, mask=mask_g, other=0)  # its sequence or chunk has real tokens
+    rows = (g_base + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
+    ok = (mask_g & (gvis != 0))[:, None] & mask_d[None, :]
+    kg = tl.load(KG + rows, mask=ok, other=0.0).to(q.dtype)
+    vg = tl.load(VG + rows, mask=ok, other=0.0).to(q.dtype)
     return kg, vg, _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL)
 
 
@@ -220,8 +219,9 @@ def _ls_bwd_dq_kernel(
     qk_scale = tl.load(SCALARS)
     eps = tl.load(SCALARS + 1)
     zero = tl.load(SCALARS + 2)
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, mask_m, offs_d, mask_d)
+    q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, q_ok, offs_d, mask_d)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
     lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
     delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
@@ -287,8 +287,10 @@ def _ls_bwd_dkv_kernel(
     zero = tl.load(SCALARS + 2)
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
-    k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
-    v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d)
+    pad_base = PAD + off_b * stride_padb
+    key_ok = _real_rows(pad_base, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]
+    k = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
+    v = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
     if HAS_LN:
         k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
@@ -307,16 +309,14 @@ def _ls_bwd_dkv_kernel(
             lo = g_lo * WINDOW
             hi = tl.minimum((g_hi + 1) * WINDOW, N)
         lo = (lo // BLOCK_M) * BLOCK_M
-        key_ok = mask_n
-        if HAS_PAD:
-            key_ok = key_ok & (tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1) == 0)
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < N
-            q = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
-            do = _load_rows(do_base, offs_m, stride_don, mask_m, offs_d, mask_d)
+            q_ok = _real_rows(pad_base, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
+            q = _load_rows(q_base, offs_m, stride_qn, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+            do = _load_rows(do_base, offs_m, stride_don, q_ok, offs_d, mask_d)
             lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))
             delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
             visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL) & key_ok[None, :]
@@ -333,9 +333,9 @@ def _ls_bwd_dkv_kernel(
         dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
     if HAS_LN:  # statistics recomputed here rather than held in registers through the loop
-        k_hat, k_rstd = _normalize_rows(_load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero,
+        k_hat, k_rstd = _normalize_rows(_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) + zero,
                                         mask_d, eps, HEAD_DIM)
-        v_hat, v_rstd = _normalize_rows(_load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero,
+        v_hat, v_rstd = _normalize_rows(_load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d) + zero,
                                         mask_d, eps, HEAD_DIM)
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
         tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
@@ -351,11 +351,13 @@ def _ls_bwd_dkv_kernel(
 
 @triton.jit
 def _ls_bwd_dkv_global_kernel(
-    Q, KG, VG, GVIS, SCALARS, DO, LSE, DELTA, DKG_PART, DVG_PART,
+    Q, KG, VG, GVIS, PAD, SCALARS, DO, LSE, DELTA, DKG_PART, DVG_PART,
     stride_qb, stride_qh, stride_qn,
     stride_dob, stride_doh, stride_don,
+    stride_padb,
     H, N, NG, CHUNK, RANK, SPLIT_LEN,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial dKg, dVg of a block of projected vectors over one split of the queries that see them.
@@ -372,9 +374,10 @@ def _ls_bwd_dkv_global_kernel(
     zero = tl.load(SCALARS + 2)
     rows = (pid_bh.to(tl.int64) * NG + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
     q_dtype = Q.dtype.element_ty
-    kg = tl.load(KG + rows, mask=mask_gd, other=0.0).to(q_dtype)  # [BLOCK_G, BLOCK_D]
-    vg = tl.load(VG + rows, mask=mask_gd, other=0.0).to(q_dtype)
     gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)
+    seen_gd = (mask_g & (gvis != 0))[:, None] & mask_d[None, :]  # zeros where invisible to every query
+    kg = tl.load(KG + rows, mask=seen_gd, other=0.0).to(q_dtype)  # [BLOCK_G, BLOCK_D]
+    vg = tl.load(VG + rows, mask=seen_gd, other=0.0).to(q_dtype)
     dkg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
     dvg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
     lo = pid_s * SPLIT_LEN
@@ -387,8 +390,9 @@ def _ls_bwd_dkv_global_kernel(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = (offs_m < hi) & (offs_m >= pid_s * SPLIT_LEN)
-        q = _load_rows(q_base, offs_m, stride_qn, mask_m, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
-        do = _load_rows(do_base, offs_m, stride_don, mask_m, offs_d, mask_d)
+        q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
+        q = _load_rows(q_base, offs_m, stride_qn, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+        do = _load_rows(do_base, offs_m, stride_don, q_ok, offs_d, mask_d)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=float("inf"))
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
         visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL) & mask_m[:, None]
@@ -456,6 +460,12 @@ def _projected_visibility(pad, B, N, r, causal, chunk, device, NG):
     return vis.to(torch.int8).contiguous()
 
 
+def _delta(do, o, pad, acc):
+    """(B, H, N) rowsum(dO * O) in acc, contiguous; 0 at padded queries (whatever dO holds there)."""
+    delta = (do.to(acc) * o.to(acc)).sum(-1)
+    return (delta if pad is None else delta.masked_fill(pad[:, None, :], 0.0)).contiguous()
+
+
 def _bhn_strides(*xs):
     """Batch, head and row strides of (B, H, N, ...) tensors, in kernel argument order."""
     return [st for x in xs for st in x.stride()[:3]]
@@ -512,7 +522,7 @@ def _launch_bwd_dq(q, k, v, kg, vg, gvis, pad8, ln_local, scalars, do, lse, delt
     return dq
 
 
-def _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chunk, r):
+def _launch_bwd_dkv_global(q, kg, vg, gvis, pad8, scalars, do, lse, delta, causal, chunk, r):
     """Gradients of the projected kg, vg (B, H, NG, D, accumulation dtype) by _ls_bwd_dkv_global_kernel:
     per-split partials summed in a fixed order (deterministic)."""
     B, H, N, D = q.shape
@@ -526,10 +536,11 @@ def _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chu
     dkg_part = torch.empty(n_split, B, H, NG, D, dtype=scalars.dtype, device=q.device)
     dvg_part = torch.empty_like(dkg_part)
     _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
-        q, kg, vg, gvis, scalars, do, lse, delta, dkg_part, dvg_part,
+        q, kg, vg, gvis, pad8 if pad8 is not None else gvis, scalars, do, lse, delta, dkg_part, dvg_part,
         *_bhn_strides(q, do),
+        pad8.stride(0) if pad8 is not None else 0,
         H, N, NG, chunk, r, split_len,
-        BLOCK_G=BLOCK_G, **common,
+        HAS_PAD=pad8 is not None, BLOCK_G=BLOCK_G, **common,
     )
     return dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
 
@@ -595,7 +606,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
     scalars = _scalars(scale, eps, q.dtype, device)
     acc = scalars.dtype
     pad8 = pad.contiguous().view(torch.int8) if pad is not None else None
-    delta = (do.to(acc) * o.to(acc)).sum(-1).contiguous()  # (B, H, N): rowsum(dO * O)
+    delta = _delta(do, o, pad, acc)
     kg, vg, k_raw, v_raw, col_lse = saved_proj
     NG = kg.shape[2]
     r = proj.shape[-1] if proj is not None else 1
@@ -607,7 +618,7 @@ def _ls_backward(do, q, k, v, proj, o, lse, saved_proj, window, causal, chunk, l
     if proj is not None and NG == 0:  # causal, no full chunk: proj is never used
         dproj = torch.zeros_like(proj)
     elif proj is not None:
-        dkg, dvg = _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chunk, r)
+        dkg, dvg = _launch_bwd_dkv_global(q, kg, vg, gvis, pad8, scalars, do, lse, delta, causal, chunk, r)
         if ln_global is not None:  # LN_G backward on the small (B, H, NG, D) tensors
             with torch.enable_grad():
                 leaves = [k_raw.detach(), v_raw.detach(), ln_global[0].detach().to(acc), ln_global[1].detach().to(acc)]
@@ -711,6 +722,7 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
                           key_padding_mask, scale, eps, backend)
     chunk = int(chunk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    check_scores_fit(scale, q, lambda: key_norm_bounds(k, proj, ln_local, ln_global, project_after_ln))
     # through the torch.library ops of ops.py (one opaque node each under torch.compile)
     return _ops.attention(q, k, v, proj, ln_local, ln_global, key_padding_mask, window, causal, chunk,
                           bool(project_after_ln), scale, float(eps), _use_triton(q, backend))

@@ -66,6 +66,9 @@ def _empty(ref):
 
 @contextlib.contextmanager
 def _no_autocast(x):
+    if not torch.amp.is_autocast_available(x.device.type):  # meta tensors: no autocast to leave
+        yield
+        return
     with torch.autocast(x.device.type, enabled=False):
         yield
 
@@ -85,9 +88,20 @@ def _autograd_dispatch():
         yield
 
 
-def _eager():
-    """True outside torch.compile tracing, unless FORCE_OPS is set (tests)."""
-    return not FORCE_OPS and not torch.compiler.is_compiling()
+def _eager(q):
+    """True outside torch.compile tracing for real tensors, unless FORCE_OPS is set (tests). Meta tensors go
+    through the ops, whose fake implementations give the shapes without touching data."""
+    return not FORCE_OPS and not torch.compiler.is_compiling() and q.device.type != "meta"
+
+
+def empty_output(q, tensors):
+    """The output of an empty input (B, H or N = 0): zeros of q's shape that depend on every tensor given,
+    so that autograd gives each a zero gradient, as PyTorch ops do with empty inputs."""
+    out = q.new_zeros(q.shape)
+    for x in tensors:
+        if x is not None and x.requires_grad:
+            out = out + x.sum().to(q.dtype) * 0
+    return out
 
 
 def _grads_out(grads, like):
@@ -177,6 +191,18 @@ _register_blocked_autograd(attention_torch_fwd, attention_torch_bwd, n_tensors=9
 
 # ============================================================================ ls_attention, Triton
 
+def _proj_for_kernels(proj, dtype):
+    """proj as the kernels read it: any float dtype is loaded and used in the accumulation dtype, but an fp64
+    proj cannot meet fp32 arithmetic in a kernel, and the interpreter gets bf16 arithmetic wrong: both are
+    cast to the accumulation dtype first (the same numbers the kernels would compute with)."""
+    if proj is None:
+        return None
+    acc = _acc(dtype)
+    if (proj.dtype == torch.float64 and acc != torch.float64) or (INTERPRET and proj.dtype == torch.bfloat16):
+        return proj.to(acc)
+    return proj
+
+
 def _num_projected(q, proj, causal, chunk):
     if proj is None:
         return 0
@@ -193,10 +219,9 @@ def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor]
     lse, and the projection's kg, vg, k_raw, v_raw, col_lse."""
     in_dtype = q.dtype
     # the interpreter computes bf16 arithmetic on raw bit patterns: run it in fp32 there
-    upcast = INTERPRET and in_dtype == torch.bfloat16
-    if upcast:
+    if INTERPRET and in_dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
-        proj = proj.float() if proj is not None else None
+    proj = _proj_for_kernels(proj, q.dtype)
     with _no_autocast(q):
         o, o_saved, lse, saved_proj = _ls_forward(q, k, v, proj, window, causal, chunk, _pair(lnl_w, lnl_b),
                                                   _pair(lng_w, lng_b), project_after_ln, key_padding_mask,
@@ -232,7 +257,7 @@ def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj
     like = (q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b)
     if INTERPRET and q.dtype == torch.bfloat16:
         q, k, v = q.float(), k.float(), v.float()
-        proj = proj.float() if proj is not None else None
+    proj = _proj_for_kernels(proj, q.dtype)
     o = o_acc if o_acc.numel() > 0 else out
     with _autograd_dispatch(), _no_autocast(q):
         grads = _ls_backward(grad_out.to(q.dtype), q, k, v, proj, o, lse, (kg, vg, k_raw, v_raw, col_lse),
@@ -269,8 +294,10 @@ def attention(q, k, v, proj, ln_local, ln_global, key_padding_mask, window, caus
     lnl = ln_local if ln_local is not None else (None, None)
     lng = ln_global if ln_global is not None else (None, None)
     args = (q, k, v, proj, *lnl, *lng, key_padding_mask, window, causal, chunk, project_after_ln, scale, eps)
+    if q.numel() == 0:
+        return empty_output(q, args[:8])
     if not use_triton:
-        if _eager():  # plain autograd through the blocked path: no recomputation in the backward
+        if _eager(q):  # plain autograd through the blocked path: no recomputation in the backward
             with _no_autocast(q):
                 return ls_attention_torch(q, k, v, proj, window=window, causal=causal, chunk=chunk,
                                           ln_local=ln_local, ln_global=ln_global, project_after_ln=project_after_ln,
@@ -379,8 +406,10 @@ projected_triton_fwd.register_autograd(_projected_triton_backward, setup_context
 def attention_projected(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, use_triton):
     """Validated inputs of ``ls_attention_projected`` -> output, through the op of the chosen backend."""
     args = (q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale)
+    if q.numel() == 0:
+        return empty_output(q, args[:5])
     if not use_triton:
-        if _eager():
+        if _eager(q):
             with _no_autocast(q):
                 return attend_projected_torch(q, k, v, kg, vg, window=window, causal=causal, chunk=chunk, rank=rank,
                                               key_padding_mask=key_padding_mask, scale=scale)

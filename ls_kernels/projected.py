@@ -24,7 +24,7 @@ import numbers
 import torch
 
 from . import ops
-from .checks import FLOAT_DTYPES, check_inputs
+from .checks import FLOAT_DTYPES, max_row_norm, check_inputs, check_scores_fit
 from .long_short import _use_triton
 from .projected_torch import attend_projected_torch, dynamic_projection, projected_visibility
 
@@ -103,13 +103,16 @@ def ls_attention_projected(q, k, v, k_proj=None, v_proj=None, *, window, causal=
     # q, k, v, chunk, mask, scale and backend; window > 0 stands in for the projected vectors here
     check_inputs(q, k, v, None, max(int(window), 1), causal, chunk, None, None, key_padding_mask, scale, 1e-5,
                  backend)
-    window, chunk = int(window), int(chunk)
-    rank = _check_projected(q, k_proj, v_proj, causal, chunk)
     B, H, N, D = q.shape
+    window, chunk = min(int(window), max(N, 1)), int(chunk)  # every window >= N sees the whole sequence
+    rank = _check_projected(q, k_proj, v_proj, causal, chunk)
     if k_proj is None or rank == 0:
         k_proj = v_proj = q.new_zeros(B, H, 0, D)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    check_scores_fit(scale, q, lambda: [max_row_norm(k), max_row_norm(k_proj)])
     use_triton = _use_triton(q, backend)
+    if q.numel() == 0:
+        return ops.empty_output(q, (q, k, v, k_proj, v_proj))
     if dropout_p > 0:
         if use_triton:
             raise ValueError(f"dropout_p = {dropout_p} needs the blocked PyTorch path: the Triton kernels have no "

@@ -53,6 +53,8 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
     pad = _pad_or_none(key_padding_mask, B, N, k.device)
     with torch.autocast(k.device.type, enabled=False):
         k, v = k.to(acc), v.to(acc)
+        if key_padding_mask is not None:  # padded positions' values never matter (0 * NaN would)
+            k, v = blocked.zero_padded(k, pad), blocked.zero_padded(v, pad)
         if not causal:
             kg, vg, _ = blocked._projected_bidirectional(proj, k, v, pad, None, 0.0)
         elif N // chunk > 0:
@@ -83,14 +85,14 @@ def _partial_dropout(q, k, v, visible, scale, p):
     rescaled probabilities, the logsumexp counts all of them, so the merged output is
     sum_j dropout(a_j) v_j with a the softmax over every visible key."""
     acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # fp32 products, as blocked._partial
     s = s.masked_fill(~visible, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     z = e.sum(-1, keepdim=True)
     z_safe = torch.where(z > 0, z, 1.0)
-    o = torch.matmul(F.dropout(e, p, training=True).to(v.dtype), v).to(acc) / z_safe
+    o = torch.matmul(F.dropout(e, p, training=True).to(v.dtype).to(acc), v.to(acc)) / z_safe
     return torch.where(z > 0, m + torch.log(z_safe), float("-inf")).squeeze(-1), o
 
 
@@ -138,6 +140,9 @@ def attend_projected_torch(q, k, v, kg, vg, *, window, causal, chunk, rank, key_
     pad = _pad_or_none(key_padding_mask, B, N, q.device)
     gvis = projected_visibility(key_padding_mask, B, N, rank, causal=causal, chunk=chunk, device=q.device)
     G = kg.shape[2]
+    if key_padding_mask is not None:  # what padded positions and invisible projected vectors hold never matters
+        q, k, v = (blocked.zero_padded(x, pad) for x in (q, k, v))
+        kg, vg = (x.masked_fill(~gvis[:, None, :, None], 0.0) for x in (kg, vg))
     # contiguous: under torch.compile, a zero-width F.pad of a strided view keeps its strides at run
     # time while the traced graph assumes a contiguous result
     q = q.contiguous()

@@ -15,6 +15,7 @@ from .long_short import (
     _launch_bwd_dkv_global,
     _launch_bwd_dq,
     _launch_fwd,
+    _delta,
     _projected_visibility,
     _scalars,
 )
@@ -46,10 +47,10 @@ def projected_backward(do, q, k, v, kg, vg, o, lse, pad, window, causal, chunk, 
     q, k, v, kg, vg, scalars, pad8, gvis = _prepare(q, k, v, kg, vg, pad, causal, chunk, rank, scale)
     do = do if do.stride(-1) == 1 else do.contiguous()
     r = max(rank, 1)
-    delta = (do.to(scalars.dtype) * o.to(scalars.dtype)).sum(-1).contiguous()  # (B, H, N): rowsum(dO * O)
+    delta = _delta(do, o, pad, scalars.dtype)
     dq = _launch_bwd_dq(q, k, v, kg, vg, gvis, pad8, None, scalars, do, lse, delta, window, causal, chunk, r)
     if kg.shape[2] > 0:
-        dkg, dvg = _launch_bwd_dkv_global(q, kg, vg, gvis, scalars, do, lse, delta, causal, chunk, r)
+        dkg, dvg = _launch_bwd_dkv_global(q, kg, vg, gvis, pad8, scalars, do, lse, delta, causal, chunk, r)
     else:
         dkg, dvg = torch.zeros_like(kg), torch.zeros_like(vg)
     dk, dv, _, _ = _launch_bwd_dkv(q, k, v, pad8, None, scalars, do, lse, delta, None, None, 0, window, causal)

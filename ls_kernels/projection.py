@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_utils import _dot, _layer_norm_rows, _load_ln, _load_rows, ln_params, next_pow2
+from .kernel_utils import _dot, _layer_norm_rows, _load_ln, _load_rows, _real_rows, ln_params, next_pow2
 
 
 @triton.jit
@@ -56,13 +56,11 @@ def _proj_partial_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seg_hi
         rows = offs_n.to(tl.int64)[:, None]
-        logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+        valid = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]: padding reads as absent
+        logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=valid[:, None] & mask_r[None, :],
                          other=float("-inf")) + zero  # [BLOCK_N, BLOCK_R]
-        if HAS_PAD:
-            pad = tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1)
-            logits = tl.where(pad[:, None] != 0, float("-inf"), logits)
-        k = _load_rows(k_base, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero  # [BLOCK_N, BLOCK_D]
-        v = _load_rows(v_base, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero
+        k = _load_rows(k_base, offs_n, stride_kn, valid, offs_d, mask_d) + zero  # [BLOCK_N, BLOCK_D]
+        v = _load_rows(v_base, offs_n, stride_vn, valid, offs_d, mask_d) + zero
         if HAS_LN:
             k = _layer_norm_rows(k, ln_w, ln_b, mask_d, eps, HEAD_DIM)
             v = _layer_norm_rows(v, ln_w, ln_b, mask_d, eps, HEAD_DIM)
@@ -175,20 +173,18 @@ def _proj_bwd_kernel(
         mask_n = offs_n < seg_hi
         rows = offs_n.to(tl.int64)[:, None]
         mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, mask_n, offs_d, mask_d) + zero
-        v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, mask_n, offs_d, mask_d) + zero
+        valid = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]: zeros at padding
+        k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, valid, offs_d, mask_d) + zero
+        v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, valid, offs_d, mask_d) + zero
         if HAS_LN:
             k = _layer_norm_rows(k, ln_w, ln_b, mask_d, eps, HEAD_DIM)
             v = _layer_norm_rows(v, ln_w, ln_b, mask_d, eps, HEAD_DIM)
-        valid = mask_n
-        if HAS_PAD:
-            valid = valid & (tl.load(PAD + off_b * stride_padb + offs_n, mask=mask_n, other=1) == 0)
         dk_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
         dv_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
         for start_r in range(0, RANK, BLOCK_R):
             offs_r = start_r + tl.arange(0, BLOCK_R)
             mask_r = offs_r < RANK
-            logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=mask_n[:, None] & mask_r[None, :],
+            logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=valid[:, None] & mask_r[None, :],
                              other=0.0) + zero  # [BLOCK_N, BLOCK_R]
             col_lse = tl.load(COL_LSE + g_base + offs_r, mask=mask_r, other=float("inf"))  # [BLOCK_R]
             prob = tl.where(valid[:, None] & mask_r[None, :], tl.exp(logits - col_lse[None, :]), 0.0)
