@@ -49,6 +49,12 @@ def layer_norm(x, ln, eps):
     return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
 
 
+def all_finite(x):
+    """Whether x holds no inf or NaN, by one reduction (no boolean copy of x). A sum that overflows answers
+    False, which only sends the caller down its slower path that is exact for any values."""
+    return bool(torch.isfinite(x.sum(dtype=_acc_dtype(x.dtype))))
+
+
 def zero_padded(x, pad):
     """x (B, H, N, ...) with the rows of padded positions (pad (B, N), True = padding) set to 0."""
     return x.masked_fill(pad.reshape(pad.shape[0], 1, pad.shape[1], *(1,) * (x.dim() - 3)), 0.0)
@@ -140,7 +146,7 @@ def _partial(q, k, v, visible, scale):
     """
     # the fused kernel divides by zero on empty inputs, and gives rows whose every score is -inf (an
     # infinite key) lse = 0 instead of -inf
-    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0 and bool(torch.isfinite(k).all()):
+    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0 and all_finite(k):
         return _partial_fused(q, k, v, visible, scale)
     acc = _acc_dtype(q.dtype)
     # fp16/bf16 products accumulate in fp32, as in the kernels: fp16 scores or sums of p @ v can overflow
@@ -314,7 +320,7 @@ def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_glo
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     if key_padding_mask is not None:  # what padded positions hold never matters (0 * NaN would)
-        q, k, v = (zero_padded(x, pad) for x in (q, k, v))
+        q, k, v = (x if all_finite(x) else zero_padded(x, pad) for x in (q, k, v))
 
     k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
     parts = []

@@ -54,7 +54,7 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
     with torch.autocast(k.device.type, enabled=False):
         k, v = k.to(acc), v.to(acc)
         if key_padding_mask is not None:  # padded positions' values never matter (0 * NaN would)
-            k, v = blocked.zero_padded(k, pad), blocked.zero_padded(v, pad)
+            k, v = (x if blocked.all_finite(x) else blocked.zero_padded(x, pad) for x in (k, v))
         if not causal:
             kg, vg, _ = blocked._projected_bidirectional(proj, k, v, pad, None, 0.0)
         elif N // chunk > 0:
@@ -141,8 +141,8 @@ def attend_projected_torch(q, k, v, kg, vg, *, window, causal, chunk, rank, key_
     gvis = projected_visibility(key_padding_mask, B, N, rank, causal=causal, chunk=chunk, device=q.device)
     G = kg.shape[2]
     if key_padding_mask is not None:  # what padded positions and invisible projected vectors hold never matters
-        q, k, v = (blocked.zero_padded(x, pad) for x in (q, k, v))
-        kg, vg = (x.masked_fill(~gvis[:, None, :, None], 0.0) for x in (kg, vg))
+        q, k, v = (x if blocked.all_finite(x) else blocked.zero_padded(x, pad) for x in (q, k, v))
+        kg, vg = (x if blocked.all_finite(x) else x.masked_fill(~gvis[:, None, :, None], 0.0) for x in (kg, vg))
     # contiguous: under torch.compile, a zero-width F.pad of a strided view keeps its strides at run
     # time while the traced graph assumes a contiguous result
     q = q.contiguous()
