@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["ls_kernels", "ls_kernels.*"]),
+    packages=find_packages(include=["ls_kernels", "ls_kernels.*", "reference"]),  # reference: the dense oracle
     install_requires=["torch>=2.4,<2.15", "triton>=3.0,<4"],
     extras_require={
         "test": ["pytest>=7", "numpy"],

@@ -8,13 +8,12 @@ Without a GPU it runs the kernels in Triton's interpreter (a few minutes).
 """
 import argparse
 import os
-import sys
+
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ls_kernels import ls_attention  # noqa: E402
 from reference import ls_attention_ref  # noqa: E402

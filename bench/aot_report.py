@@ -27,9 +27,12 @@ from triton.compiler import ASTSource
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("aot_report.py compiles kernels: run it without TRITON_INTERPRET=1")
 
-from ls_kernels import long_short as lsa  # noqa: E402
-from ls_kernels import projection as prj  # noqa: E402
-from ls_kernels.kernel_utils import next_pow2  # noqa: E402
+from ls_kernels.triton_backend import launch  # noqa: E402
+from ls_kernels.triton_backend import projection as prj  # noqa: E402
+from ls_kernels.triton_backend.args import block_d  # noqa: E402
+from ls_kernels.triton_backend.kernels import backward as bwd_kernels  # noqa: E402
+from ls_kernels.triton_backend.kernels import forward as fwd_kernels  # noqa: E402
+from ls_kernels.triton_backend.kernels import projection as prj_kernels  # noqa: E402
 
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -43,10 +46,10 @@ def kernel_specs(dtype, D):
     """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
     t, acc = TL_TYPES[dtype], _acc(dtype)
     fp64 = dtype == torch.float64
-    BLOCK_D = max(16, next_pow2(D))
+    BLOCK_D = block_d(D)
     specs = []
-    BLOCK_M, BLOCK_N, warps, stages = lsa._fwd_config(D, dtype)
-    bwd = lsa._bwd_config(D, dtype)
+    BLOCK_M, BLOCK_N, warps, stages = launch.fwd_config(D, dtype, gpu_tiles=True)
+    bwd = launch.bwd_config(D, dtype, gpu_tiles=True)
     for causal in (False, True):
         mode = "causal" if causal else "bidir"
         flags = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=fp64, PRECISION="ieee", BLOCK_D=BLOCK_D)
@@ -54,42 +57,42 @@ def kernel_specs(dtype, D):
                  "LNW": acc, "LNB": acc, "SCALARS": acc, "LSE": acc}
         const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True, STORE_ACC=True,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_N)
-        specs.append((f"_ls_fwd_kernel[{mode}]", lsa._ls_fwd_kernel, types, const, warps, stages))
+        specs.append((f"_ls_fwd_kernel[{mode}]", fwd_kernels._ls_fwd_kernel, types, const, warps, stages))
 
         bm, bn, w, st = bwd["dq"]
         types = {"Q": t, "K": t, "V": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "LNW": acc, "LNB": acc,
                  "SCALARS": acc, "DO": t, "LSE": acc, "DELTA": acc, "DQ": t}
         const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bn)
-        specs.append((f"_ls_bwd_dq_kernel[{mode}]", lsa._ls_bwd_dq_kernel, types, const, w, st))
+        specs.append((f"_ls_bwd_dq_kernel[{mode}]", bwd_kernels._ls_bwd_dq_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv"]
         types = {"Q": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "DO": t, "LSE": acc,
                  "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "DLNW_PART": acc, "DLNB_PART": acc}
         const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_PAD=True, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
-        specs.append((f"_ls_bwd_dkv_kernel[{mode}]", lsa._ls_bwd_dkv_kernel, types, const, w, st))
+        specs.append((f"_ls_bwd_dkv_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv_global"]
         types = {"Q": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
                  "DELTA": acc, "DKG_PART": acc, "DVG_PART": acc}
         const = dict(flags, HAS_PAD=True, BLOCK_M=bm, BLOCK_G=bn)
-        specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", lsa._ls_bwd_dkv_global_kernel, types, const, w, st))
+        specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
 
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
              "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
     const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
-    specs.append(("_proj_partial_kernel", prj._proj_partial_kernel, types, const, 4, 1))
+    specs.append(("_proj_partial_kernel", prj_kernels._proj_partial_kernel, types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": acc, "VG": acc, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
-    specs.append(("_proj_combine_kernel", prj._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
+    specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
         bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
         const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
-        specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj._proj_bwd_kernel, types, const, w, 1))
+        specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
     return specs
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ls_kernels.config import half_width
+
 
 def _ln(x, ln, eps):
     """LayerNorm over the last dim of (B, H, L, D); ln = (weight, bias) of (D,) or (H, D), or None."""
@@ -45,7 +47,7 @@ def projected(proj, k_src, v_src, causal, chunk, ln_global, eps):
 
 def ls_mask_mod(N, window, causal, chunk, r):
     """mask_mod(b, h, t, j): key j < N is window key j, key j >= N is projected vector j - N."""
-    half = max(window // 2, 1)
+    half = half_width(window)
 
     def mask_mod(b, h, t, j):
         if window == 0:
@@ -64,7 +66,7 @@ def ls_mask_mod(N, window, causal, chunk, r):
 def _intervals(N, G, window, causal, chunk, r):
     """Per query t: its window keys [lo, hi) and its projected keys [N, gh), as KV positions."""
     t = torch.arange(N)
-    half = max(window // 2, 1)
+    half = half_width(window)
     if window == 0:
         lo = hi = torch.zeros_like(t)
     elif causal:

@@ -42,10 +42,9 @@ import triton  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flex_ls import ls_flex  # noqa: E402
-from ls_kernels import blocked, ls_attention  # noqa: E402
+from ls_kernels import ls_attention, torch_backend  # noqa: E402
+from ls_kernels.checks import check_attention  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 METHODS = ["ls", "ls_torch", "full_naive", "full_sdpa", "flex"]
@@ -130,10 +129,13 @@ def build(p):
                   project_after_ln=p["project_after_ln"])
         if p["method"] == "flex":
             fwd = lambda: ls_flex(q, k, v, proj, **kw)  # noqa: E731
-        else:
-            blocked.FUSED_CPU = p["method"] == "ls"  # ls_torch: the unfused blocked path on every device
-            backend = "auto" if p["method"] == "ls" else "torch"
-            fwd = lambda: ls_attention(q, k, v, proj, backend=backend, **kw)  # noqa: E731
+        elif p["method"] == "ls":
+            fwd = lambda: ls_attention(q, k, v, proj, **kw)  # noqa: E731
+        else:  # ls_torch: the unfused blocked path (scores materialized by matmuls) on every device
+            cfg, _ = check_attention(q, k, v, proj, key_padding_mask=None, scale=None, eps=1e-5, backend="torch", **kw)
+            unfused = torch_backend.Options(fused_cpu=False)
+            fwd = lambda: torch_backend.attention(q, k, v, cfg=cfg, proj=proj, ln_local=ln_l, ln_global=ln_g,  # noqa: E731
+                                                  opts=unfused)
     if not grad:
         def step():
             with torch.no_grad():

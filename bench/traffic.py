@@ -19,8 +19,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
 import torch  # noqa: E402
 import triton.runtime.interpreter as interp  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ls_kernels import long_short, ls_attention  # noqa: E402
+from ls_kernels import triton_backend  # noqa: E402
+from ls_kernels.config import LSConfig, default_scale  # noqa: E402
 
 PRESETS = {  # as bench/sweep.py
     "charlm": dict(causal=True, heads=8, dim=64, window=512, chunk=16, rank=1, project_after_ln=False),
@@ -50,19 +50,6 @@ def _count_loads_and_stores():
     builder.create_masked_load, builder.create_masked_store, grid.__call__ = masked_load, masked_store, launch
 
 
-def _gpu_tiles():
-    """Launch with the tile sizes the kernels use on a GPU, not the interpreter's."""
-    def on_gpu(fn):
-        def config(*args):
-            long_short.INTERPRET = False
-            try:
-                return fn(*args)
-            finally:
-                long_short.INTERPRET = True
-        return config
-    long_short._fwd_config, long_short._bwd_config = on_gpu(long_short._fwd_config), on_gpu(long_short._bwd_config)
-
-
 def nbytes(*xs):
     return sum(x.numel() * x.element_size() for x in xs if x is not None)
 
@@ -72,22 +59,23 @@ def measure(preset, N, dtype, batch=1):
     c = PRESETS[preset]
     g = torch.Generator().manual_seed(0)
     H, D = c["heads"], c["dim"]
-    rand = lambda *s: torch.randn(*s, generator=g).to(dtype).requires_grad_()  # noqa: E731
+    rand = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     q, k, v, proj = rand(batch, H, N, D), rand(batch, H, N, D), rand(batch, H, N, D), rand(batch, H, N, c["rank"])
-    ln = lambda: (torch.ones(D, requires_grad=True), torch.zeros(D, requires_grad=True))  # noqa: E731
-    kw = dict(window=c["window"], causal=c["causal"], chunk=c["chunk"], ln_local=ln(), ln_global=ln(),
-              project_after_ln=c["project_after_ln"], backend="triton")
+    ln = lambda: (torch.ones(D), torch.zeros(D))  # noqa: E731
+    kw = dict(cfg=LSConfig(window=c["window"], causal=c["causal"], chunk=c["chunk"], rank=c["rank"],
+                           scale=default_scale(D), project_after_ln=c["project_after_ln"]),
+              proj=proj, ln_local=ln(), ln_global=ln(), gpu_tiles=True)
     COUNT.clear()
-    with torch.no_grad():  # inference; with autograd fp16 forwards also store an fp32 copy of O
-        out = ls_attention(q, k, v, proj, **kw)
+    out, _, _, _ = triton_backend.forward(q, k, v, **kw)  # inference: no fp32 copy of O
     fwd = dict(COUNT)
-    out = ls_attention(q, k, v, proj, **kw)
+    out, o_acc, lse, projected = triton_backend.forward(q, k, v, store_acc=True, **kw)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     COUNT.clear()
-    out.backward(dout)
+    grads = triton_backend.backward(dout, q, k, v, o=o_acc if o_acc is not None else out, lse=lse,
+                                    projected=projected, **kw)
     bwd = dict(COUNT)
     return {"forward": (fwd, nbytes(q, k, v, proj, out)),
-            "backward": (bwd, nbytes(q, k, v, proj, dout, q.grad, k.grad, v.grad, proj.grad))}
+            "backward": (bwd, nbytes(q, k, v, proj, dout, grads.q, grads.k, grads.v, grads.proj))}
 
 
 def main(argv=None):
@@ -99,7 +87,6 @@ def main(argv=None):
     if a.seqlen < 1:
         ap.error("--seqlen must be >= 1")
     _count_loads_and_stores()
-    _gpu_tiles()
     rows = []
     for preset in a.preset:
         for phase, (kernels, minimum) in measure(preset, a.seqlen, DTYPES[a.dtype]).items():

@@ -1,20 +1,36 @@
-"""Input validation shared by every backend of ``ls_attention``.
+"""Every validator of the package: the only place that raises for bad arguments.
 
-Each check raises ``ValueError`` naming the argument and what it got.
+Each check raises ``ValueError`` naming the argument and what it got. The public functions call one
+entry point each (``check_attention``, ``check_projected_attention``, ``check_dynamic_projection``,
+``check_layer_args``, ``check_layer_input``, ``check_official_lra``), which returns the call's LSConfig
+where there is one.
 """
 import math
 import numbers
 
 import torch
 
-LOG2E = 1.4426950408889634
+from .config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, default_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
+DUAL_LN = ("head", "model", None)
 
 
 def _describe(x):
     return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def _check_ln(name, ln, H, D, q):
@@ -35,78 +51,223 @@ def _check_ln(name, ln, H, D, q):
         raise ValueError(f"{name} weight and bias shapes differ: {tuple(ln[0].shape)} vs {tuple(ln[1].shape)}")
 
 
-def check_inputs(q, k, v, proj, window, causal, chunk, ln_local, ln_global,
-                 key_padding_mask, scale, eps, backend):
-    """Validate the arguments of ``ls_attention``; returns the window as an int."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(q, k, v, names=("q", "k", "v")):
+    for name, x in zip(names, (q, k, v)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must have rank 4 (B, H, N, D), got {_describe(x)}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
-    for name, x in (("k", k), ("v", v)):
+    for name, x in zip(names[1:], (k, v)):
         if x.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+            raise ValueError(f"{name} must have the shape of {names[0]} {tuple(q.shape)}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
-            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+            raise ValueError(f"{name} must have the dtype of {names[0]} ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    B, H, N, D = q.shape
-    if D < 1:
-        raise ValueError(f"q must have a head dim D >= 1, got {_describe(q)}")
-    if proj is not None:
-        if not isinstance(proj, torch.Tensor):
-            raise ValueError(f"proj must be None or a torch.Tensor, got {type(proj).__name__}")
-        if proj.dim() != 4 or tuple(proj.shape[:3]) != (B, H, N) or proj.shape[3] < 1:
-            raise ValueError(f"proj must have shape (B, H, N, r) = ({B}, {H}, {N}, r) with r >= 1, "
-                             f"got {tuple(proj.shape)}")
-        if proj.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"proj must be a float tensor, got dtype {proj.dtype}")
-        if proj.device != q.device:
-            raise ValueError(f"proj is on {proj.device} but q is on {q.device}")
+            raise ValueError(f"{name} is on {x.device} but {names[0]} is on {q.device}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"{names[0]} must have a head dim D >= 1, got {_describe(q)}")
+
+
+def _check_proj(proj, q):
+    B, H, N, _ = q.shape
+    if not isinstance(proj, torch.Tensor):
+        raise ValueError(f"proj must be None or a torch.Tensor, got {type(proj).__name__}")
+    if proj.dim() != 4 or tuple(proj.shape[:3]) != (B, H, N) or proj.shape[3] < 1:
+        raise ValueError(f"proj must have shape (B, H, N, r) = ({B}, {H}, {N}, r) with r >= 1, "
+                         f"got {tuple(proj.shape)}")
+    if proj.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"proj must be a float tensor, got dtype {proj.dtype}")
+    if proj.device != q.device:
+        raise ValueError(f"proj is on {proj.device} but q is on {q.device}")
+
+
+def _check_window(window):
     if window is None:
-        window = 0
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
-    window = int(window)
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
+        return 0
+    return _check_int("window", window, 0)
+
+
+def _check_mask(key_padding_mask, q):
+    if key_padding_mask is None:
+        return
+    B, N = q.shape[0], q.shape[2]
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        got = _describe(key_padding_mask) if isinstance(key_padding_mask, torch.Tensor) \
+            else type(key_padding_mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor (True = padding), got {got}")
+    if tuple(key_padding_mask.shape) != (B, N):
+        raise ValueError(f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
+                         f"got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def use_triton(q, backend):
+    """Whether the call runs the Triton kernels: "auto" picks them for CUDA tensors with D <= MAX_HEAD_DIM;
+    "triton" insists (ValueError where they cannot run)."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not (q.is_cuda or INTERPRET or q.device.type == "meta"):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, got q on {q.device}; move the inputs to a GPU, or set "
+                "TRITON_INTERPRET=1 in the environment before importing ls_kernels to run the kernels in "
+                "Triton's CPU interpreter (slow, for testing)")
+        if q.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, q has shape "
+                             f"{tuple(q.shape)}; use backend='torch'")
+        return True
+    return q.is_cuda and q.shape[-1] <= MAX_HEAD_DIM
+
+
+def check_attention(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global, project_after_ln,
+                    key_padding_mask, scale, eps, backend):
+    """Validate the arguments of ``ls_attention``; returns (its LSConfig, whether Triton runs it).
+    A window longer than the sequence is the whole sequence: window = min(window, N)."""
+    _check_qkv(q, k, v)
+    B, H, N, D = q.shape
+    if proj is not None:
+        _check_proj(proj, q)
+    window = _check_window(window)
     if window == 0 and proj is None:
         raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to; "
                          "give window > 0, proj, or both")
-    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
+    chunk = _check_int("chunk", chunk, 1)
+    _check_bool("causal", causal)
     _check_ln("ln_local", ln_local, H, D, q)
     _check_ln("ln_global", ln_global, H, D, q)
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            got = _describe(key_padding_mask) if isinstance(key_padding_mask, torch.Tensor) \
-                else type(key_padding_mask).__name__
-            raise ValueError(f"key_padding_mask must be a bool tensor (True = padding), got {got}")
-        if tuple(key_padding_mask.shape) != (B, N):
-            raise ValueError(f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
-                             f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    check_scale(scale)
+    _check_mask(key_padding_mask, q)
+    _check_scale(scale)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return min(window, N) if N > 0 else window  # every window >= N sees the whole sequence
+    _check_backend(backend)
+    cfg = LSConfig(window=min(window, N) if N > 0 else window, causal=causal, chunk=chunk,
+                   rank=proj.shape[-1] if proj is not None else 0,
+                   scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
+                   project_after_ln=bool(project_after_ln))
+    _check_scores_fit(cfg.scale, q, lambda: _key_norm_bounds(k, proj, ln_local, ln_global, cfg.project_after_ln))
+    return cfg, use_triton(q, backend)
 
 
-def check_scale(scale):
+def check_projected_attention(q, k, v, k_proj, v_proj, *, window, causal, chunk, key_padding_mask, scale,
+                              dropout_p, backend):
+    """Validate the arguments of ``ls_attention_projected``; returns (its LSConfig, whether Triton runs it)."""
+    _check_qkv(q, k, v)
+    B, H, N, D = q.shape
+    window = _check_window(window)
+    _check_bool("causal", causal)
+    chunk = _check_int("chunk", chunk, 1)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if window == 0 and k_proj is None:
+        raise ValueError("window and k_proj are both absent (window=0, k_proj=None): nothing to attend to; "
+                         "give window > 0, k_proj and v_proj, or both")
+    _check_mask(key_padding_mask, q)
+    _check_scale(scale)
+    _check_backend(backend)
+    rank = _check_projected(q, k_proj, v_proj, causal, chunk)
+    triton = use_triton(q, backend)
+    if dropout_p > 0 and triton:
+        raise ValueError(f"dropout_p = {dropout_p} needs the blocked PyTorch path: the Triton kernels have no "
+                         "dropout on the attention probabilities; use backend='torch', or dropout_p=0 "
+                         "(e.g. the module in eval mode)")
+    cfg = LSConfig(window=min(window, max(N, 1)), causal=causal, chunk=chunk, rank=rank,
+                   scale=default_scale(D) if scale is None else float(scale))
+    _check_scores_fit(cfg.scale, q, lambda: [_max_row_norm(k)] + ([_max_row_norm(k_proj)] if k_proj is not None else []))
+    return cfg, triton
+
+
+def _check_projected(q, k_proj, v_proj, causal, chunk):
+    """Validate the projected keys and values; returns the rank r."""
+    if (k_proj is None) != (v_proj is None):
+        raise ValueError("k_proj and v_proj must both be tensors or both be None, got "
+                         f"{type(k_proj).__name__} and {type(v_proj).__name__}")
+    if k_proj is None:
+        return 0
+    B, H, N, D = q.shape
+    for name, x in (("k_proj", k_proj), ("v_proj", v_proj)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (B, H, D):
+            raise ValueError(f"{name} must have shape (B, H, G, D) = ({B}, {H}, G, {D}), got {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float tensor, got dtype {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if v_proj.shape != k_proj.shape:
+        raise ValueError(f"v_proj must have the shape of k_proj {tuple(k_proj.shape)}, got {tuple(v_proj.shape)}")
+    G = k_proj.shape[2]
+    if not causal:
+        return G
+    nc = N // chunk
+    if (nc == 0 and G != 0) or (nc > 0 and G % nc != 0):
+        raise ValueError(f"k_proj has G = {G} projected vectors, not a multiple of the {nc} full chunks of "
+                         f"N = {N} positions (chunk = {chunk}): causal projected vectors are chunk-major, "
+                         "rank per chunk")
+    return G // nc if nc > 0 else 0
+
+
+def check_dynamic_projection(proj, k, v, *, causal, chunk, key_padding_mask):
+    """Validate the arguments of ``dynamic_projection``."""
+    if proj is None:
+        raise ValueError("proj must be a (B, H, N, r) tensor, got None")
+    _check_qkv(k, k, v, names=("k", "k", "v"))
+    _check_proj(proj, k)
+    _check_bool("causal", causal)
+    _check_int("chunk", chunk, 1)
+    _check_mask(key_padding_mask, k)
+
+
+def check_layer_args(embed_dim, num_heads, window, rank, causal, chunk, dual_ln, project_after_ln, dropout,
+                     backend):
+    """Validate the arguments of ``LongShortAttention``; returns embed_dim, num_heads, window, rank, chunk as ints."""
+    embed_dim = _check_int("embed_dim", embed_dim, 1)
+    num_heads = _check_int("num_heads", num_heads, 1)
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    window, rank, chunk = _check_int("window", window, 0), _check_int("rank", rank, 0), _check_int("chunk", chunk, 1)
+    if window == 0 and rank == 0:
+        raise ValueError("window and rank are both 0: nothing to attend to; give window > 0, rank > 0, or both")
+    _check_bool("causal", causal)
+    if dual_ln not in DUAL_LN:
+        raise ValueError(f"dual_ln must be one of {DUAL_LN}, got {dual_ln!r}")
+    if project_after_ln is not None and not isinstance(project_after_ln, bool):
+        raise ValueError(f"project_after_ln must be None or a bool, got {project_after_ln!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    _check_backend(backend)
+    if backend == "triton" and dropout > 0:
+        raise ValueError(f"dropout = {dropout} is not supported by the Triton kernels (backend='triton'): "
+                         "use dropout=0, or backend='torch' for dropout on the attention probabilities")
+    return embed_dim, num_heads, window, rank, chunk
+
+
+def check_layer_input(x, embed_dim, weight):
+    """x of ``LongShortAttention.forward``: (B, N, embed_dim), in the parameters' dtype unless autocast casts it."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != embed_dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (B, N, embed_dim={embed_dim}), got {got}")
+    if x.dtype != weight.dtype and not (x.device.type == weight.device.type
+                                        and torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: cast x or the "
+                         f"layer (layer.to({x.dtype})), or run under torch.autocast")
+
+
+def _check_scale(scale):
     """scale: None or a finite real number (Python or NumPy)."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
 
 
-def max_row_norm(x):
+def _max_row_norm(x):
     return torch.linalg.vector_norm(x.detach().double(), dim=-1).amax().item() if x.numel() else 0.0
 
 
@@ -116,7 +277,7 @@ def _ln_norm_bound(ln, D):
     return math.sqrt(D) * weight.abs().max().item() + torch.linalg.vector_norm(bias, dim=-1).max().item()
 
 
-def check_scores_fit(scale, q, key_bounds):
+def _check_scores_fit(scale, q, key_bounds):
     """Scores scale * q . key must be finite in the accumulation dtype (the kernels multiply them by log2(e)).
 
     key_bounds: a function giving upper bounds of the L2 norm of every key the queries are scored against. By
@@ -125,20 +286,51 @@ def check_scores_fit(scale, q, key_bounds):
     torch.compile tracing (the bound needs the data)."""
     if abs(scale) <= 1 or q.numel() == 0 or q.device.type == "meta" or torch.compiler.is_compiling():
         return
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bound = abs(scale) * LOG2E * max_row_norm(q) * max(key_bounds(), default=0.0)
+    acc = acc_dtype(q.dtype)
+    bound = abs(scale) * LOG2E * _max_row_norm(q) * max(key_bounds(), default=0.0)
     if not bound <= torch.finfo(acc).max:
         raise ValueError(f"scale = {scale!r} overflows the scores: |scale| * max|q| * max|key| * log2(e) = {bound:.3g} "
                          f"exceeds the largest {acc} ({torch.finfo(acc).max:.3g}); use a smaller scale (default "
-                         f"1 / sqrt(D) = {1 / math.sqrt(q.shape[-1]):.3g})")
+                         f"1 / sqrt(D) = {default_scale(q.shape[-1]):.3g})")
 
 
-def key_norm_bounds(k, proj, ln_local, ln_global, project_after_ln):
+def _key_norm_bounds(k, proj, ln_local, ln_global, project_after_ln):
     """Bounds of the L2 norms of the window keys LN_L(k) and of the projected keys LN_G(P^T k_P)
     (convex combinations of k_P rows before LN_G)."""
     D = k.shape[-1]
-    window = _ln_norm_bound(ln_local, D) if ln_local is not None else max_row_norm(k)
+    window = _ln_norm_bound(ln_local, D) if ln_local is not None else _max_row_norm(k)
     if proj is None:
         return [window]
-    source = window if project_after_ln else max_row_norm(k)
+    source = window if project_after_ln else _max_row_norm(k)
     return [window, _ln_norm_bound(ln_global, D) if ln_global is not None else source]
+
+
+def check_official_lra(state_dict, prefix, expected):
+    """The official LRA AttentionLS state dict: under `prefix`, its keys are `expected` and its maps square.
+    Returns (the state dict with the prefix stripped, the model dim E)."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str, got {prefix!r}")
+    sd = {key[len(prefix):]: val for key, val in state_dict.items() if key.startswith(prefix)}
+    if "conv.weight" in sd:
+        raise ValueError("state_dict has conv.weight: the official layer was built with conv_kernel_size > 0 "
+                         "(a depthwise convolution of V added to the output), which LongShortAttention does "
+                         "not have")
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict is not that of the official LRA AttentionLS (prefix {prefix!r}): "
+                         f"missing {missing}, unexpected {unexpected}")
+    E = sd["W_q.weight"].shape[1]
+    for name in ("W_q", "W_k", "W_v", "W_o"):
+        if tuple(sd[name + ".weight"].shape) != (E, E):
+            raise ValueError(f"{name}.weight must be ({E}, {E}) (model dim = num_head * head_dim), "
+                             f"got {tuple(sd[name + '.weight'].shape)}")
+    return sd, E
+
+
+def check_official_lra_dconv(sd, num_heads, rank, E):
+    """The official dconv_fc maps E to num_heads * rank projection logits (checked after the layer's own
+    arguments)."""
+    if tuple(sd["dconv_fc.weight"].shape) != (num_heads * rank, E):
+        raise ValueError(f"dconv_fc.weight has shape {tuple(sd['dconv_fc.weight'].shape)}, but num_heads * rank "
+                         f"= {num_heads} * {rank} rows of {E} are expected: check num_heads and rank "
+                         "(the official num_head and num_landmarks)")

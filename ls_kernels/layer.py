@@ -1,33 +1,20 @@
 """``LongShortAttention``: the Transformer-LS attention layer (Q/K/V/output projections,
 dynamic projection, DualLN) around the long-short attention op."""
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocked import layer_norm
-from .checks import BACKENDS
-from .long_short import ls_attention
-from .projected import dynamic_projection, ls_attention_projected
+from .api import dynamic_projection, ls_attention, ls_attention_projected
+from .checks import check_layer_args, check_layer_input, check_official_lra, check_official_lra_dconv
+from .common import layer_norm
+from .config import acc_dtype
 
-DUAL_LN = ("head", "model", None)
 _LN_EPS = 1e-5
 # official LRA AttentionLS parameters (NVIDIA/transformer-ls, lra/attention_transformer_ls.py) -> this layer's
 _OFFICIAL_LRA = {
     "W_q": "q_proj", "W_k": "k_proj", "W_v": "v_proj", "W_o": "out_proj", "dconv_fc": "dproj",
     "dual_ln_l": "ln_local", "dual_ln_s": "ln_global",
 }
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class LongShortAttention(nn.Module):
@@ -89,28 +76,8 @@ class LongShortAttention(nn.Module):
     def __init__(self, embed_dim, num_heads, *, window, rank, causal=False, chunk=16, dual_ln="head",
                  project_after_ln=None, dropout=0.0, bias=True, backend="auto"):
         super().__init__()
-        embed_dim = _check_int("embed_dim", embed_dim, 1)
-        num_heads = _check_int("num_heads", num_heads, 1)
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        window = _check_int("window", window, 0)
-        rank = _check_int("rank", rank, 0)
-        chunk = _check_int("chunk", chunk, 1)
-        if window == 0 and rank == 0:
-            raise ValueError("window and rank are both 0: nothing to attend to; give window > 0, rank > 0, or both")
-        if not isinstance(causal, bool):
-            raise ValueError(f"causal must be a bool, got {causal!r}")
-        if dual_ln not in DUAL_LN:
-            raise ValueError(f"dual_ln must be one of {DUAL_LN}, got {dual_ln!r}")
-        if project_after_ln is not None and not isinstance(project_after_ln, bool):
-            raise ValueError(f"project_after_ln must be None or a bool, got {project_after_ln!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "triton" and dropout > 0:
-            raise ValueError(f"dropout = {dropout} is not supported by the Triton kernels (backend='triton'): "
-                             "use dropout=0, or backend='torch' for dropout on the attention probabilities")
+        embed_dim, num_heads, window, rank, chunk = check_layer_args(
+            embed_dim, num_heads, window, rank, causal, chunk, dual_ln, project_after_ln, dropout, backend)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.window, self.rank, self.causal, self.chunk = window, rank, causal, chunk
         self.dual_ln = dual_ln
@@ -140,7 +107,7 @@ class LongShortAttention(nn.Module):
     def _ln_model(self, x, side):
         """LayerNorm over the last dim E of x (..., E), statistics in fp32 (fp64 for fp64)."""
         w, b = self._ln(side)
-        acc = _acc(x.dtype)
+        acc = acc_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x.to(acc), (self.embed_dim,), w.to(acc), b.to(acc), _LN_EPS)
 
@@ -148,7 +115,7 @@ class LongShortAttention(nn.Module):
         """LN_G over the E = H * D channels of each projected vector of t (B, H, G, D): the official
         LayerNorm(E) of the heads merged, computed in place of the merge (fp32 statistics)."""
         w, b = self._ln("ln_global")
-        acc = _acc(t.dtype)
+        acc = acc_dtype(t.dtype)
         shape = (1, self.num_heads, 1, self.head_dim)
         t = t.to(acc)
         mean = t.mean(dim=(1, 3), keepdim=True)
@@ -157,14 +124,7 @@ class LongShortAttention(nn.Module):
 
     def forward(self, x, key_padding_mask=None):
         """x (B, N, E) -> (B, N, E); key_padding_mask (B, N) bool, True = padding."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, N, embed_dim={self.embed_dim}), got {got}")
-        weight = self.q_proj.weight
-        if x.dtype != weight.dtype and not (x.device.type == weight.device.type
-                                            and torch.is_autocast_enabled(x.device.type)):
-            raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: cast x or the "
-                             f"layer (layer.to({x.dtype})), or run under torch.autocast")
+        check_layer_input(x, self.embed_dim, self.q_proj.weight)
         B, N, E = x.shape
         H, D, r = self.num_heads, self.head_dim, self.rank
 
@@ -184,7 +144,7 @@ class LongShortAttention(nn.Module):
                 k_loc, v_loc = heads(self._ln_model(k, "ln_local")), heads(self._ln_model(v, "ln_local"))
             else:  # per head (or none), statistics in fp32
                 ln = self._ln("ln_local")
-                k_loc, v_loc = (layer_norm(heads(t).to(_acc(t.dtype)), ln, _LN_EPS) for t in (k, v))
+                k_loc, v_loc = (layer_norm(heads(t).to(acc_dtype(t.dtype)), ln, _LN_EPS) for t in (k, v))
             kg = vg = None
             if r > 0:
                 src = (k_loc, v_loc) if self.project_after_ln else (heads(k), heads(v))
@@ -231,29 +191,11 @@ class LongShortAttention(nn.Module):
         K, V; LN_G over the model dim); one softmax over the r projected keys and the
         window keys of segment floor(t / w) widened by e = max(w // 2, 1) on each side.
         """
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a str, got {prefix!r}")
-        sd = {key[len(prefix):]: val for key, val in state_dict.items() if key.startswith(prefix)}
-        if "conv.weight" in sd:
-            raise ValueError("state_dict has conv.weight: the official layer was built with conv_kernel_size > 0 "
-                             "(a depthwise convolution of V added to the output), which LongShortAttention does "
-                             "not have")
         expected = {f"{name}.{part}" for name in _OFFICIAL_LRA for part in ("weight", "bias")}
-        missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
-        if missing or unexpected:
-            raise ValueError(f"state_dict is not that of the official LRA AttentionLS (prefix {prefix!r}): "
-                             f"missing {missing}, unexpected {unexpected}")
-        E = sd["W_q.weight"].shape[1]
-        for name in ("W_q", "W_k", "W_v", "W_o"):
-            if tuple(sd[name + ".weight"].shape) != (E, E):
-                raise ValueError(f"{name}.weight must be ({E}, {E}) (model dim = num_head * head_dim), "
-                                 f"got {tuple(sd[name + '.weight'].shape)}")
+        sd, E = check_official_lra(state_dict, prefix, expected)
         layer = cls(E, num_heads, window=window, rank=rank, causal=False, dual_ln="model", project_after_ln=True,
                     dropout=0.0, bias=True, backend=backend)
-        if tuple(sd["dconv_fc.weight"].shape) != (num_heads * rank, E):
-            raise ValueError(f"dconv_fc.weight has shape {tuple(sd['dconv_fc.weight'].shape)}, but num_heads * rank "
-                             f"= {num_heads} * {rank} rows of {E} are expected: check num_heads and rank "
-                             "(the official num_head and num_landmarks)")
+        check_official_lra_dconv(sd, num_heads, rank, E)
         ref = sd["W_q.weight"]
         layer.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():

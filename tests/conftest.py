@@ -1,13 +1,7 @@
 import os
-import sys
 
 import pytest
 import torch
-
-# the reference lives in the repo, not in the installed package
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # without a GPU, the Triton kernels run in Triton's interpreter; the variable must be
 # set before the kernels are imported

@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from ls_kernels import LongShortAttention, ls_attention, ls_attention_projected, ops
-from ls_kernels.long_short import INTERPRET
+from ls_kernels.config import INTERPRET
 
 triton_only = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
                                  reason="needs CUDA or TRITON_INTERPRET=1")
@@ -200,29 +200,25 @@ def test_opcheck_triton_ops(causal, with_optional):
 
 @pytest.mark.parametrize("causal,with_optional", [(False, True), (True, True), (True, False)],
                          ids=["bidir-full", "causal-full", "causal-bare"])
-def test_gradcheck_through_torch_ops(causal, with_optional, monkeypatch):
-    """Eager calls of the blocked backend skip the ops (plain autograd); here they go through them:
+def test_gradcheck_through_torch_ops(causal, with_optional):
+    """Eager calls of the blocked backend skip the ops (plain autograd); here the ops are called directly:
     the backward op (recomputation under autograd) gives exact gradients."""
-    monkeypatch.setattr(ops, "FORCE_OPS", True)
     args = _op_args(causal, with_optional, dtype=torch.float64)
-    q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, pad = args[:9]
-    leaves = [x for x in args[:8] if x is not None]
+    tensors, pad, config = args[:8], args[8], args[9:]
+    present = [i for i, x in enumerate(tensors) if x is not None]
 
     def f(*xs):
-        x = iter(xs)
-        q, k, v = next(x), next(x), next(x)
-        if not with_optional:
-            return ls_attention(q, k, v, None, window=3, causal=causal, chunk=4, backend="torch")
-        proj, lnl, lng = next(x), (next(x), next(x)), (next(x), next(x))
-        return ls_attention(q, k, v, proj, window=3, causal=causal, chunk=4, ln_local=lnl, ln_global=lng,
-                            project_after_ln=True, key_padding_mask=pad, backend="torch")
+        full = list(tensors)
+        for i, x in zip(present, xs):
+            full[i] = x
+        return ops.attention_torch_fwd(*full, pad, *config)
 
-    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradcheck(f, [tensors[i] for i in present])
+    q, k, v = tensors[:3]
     kg, vg = (torch.randn(2, 2, 2 * (11 // 4) if causal else 2, 8, dtype=torch.float64, requires_grad=True)
               for _ in range(2))
     assert torch.autograd.gradcheck(
-        lambda *xs: ls_attention_projected(*xs, window=3, causal=causal, chunk=4, key_padding_mask=pad,
-                                           backend="torch"), (q, k, v, kg, vg))
+        lambda *xs: ops.projected_torch_fwd(*xs, pad, 3, causal, 4, 2, 0.3), (q, k, v, kg, vg))
 
 
 # ----------------------------------------------------------------------------- the functions themselves

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ls_kernels import blocked, ls_attention
+from cases import blocked_with
+from ls_kernels import ls_attention
 
 
 # causal, B, N, D, window, r, chunk, padding, ln_local, ln_global, project_after_ln
@@ -28,7 +29,7 @@ def case_id(c):
             f"-lnL_{lnL}-lnG_{lnG}-{'after' if after else 'before'}")
 
 
-def gradcheck_case(c, H=2):
+def gradcheck_case(c, H=2, attention=None):
     causal, B, N, D, w, r, chunk, pad, lnL, lnG, after = c
     g = torch.Generator().manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -50,9 +51,9 @@ def gradcheck_case(c, H=2):
     def f(*tensors):
         t = dict(zip(x, tensors))
         ln = lambda side: (t[side + "_w"], t[side + "_b"]) if side + "_w" in t else None  # noqa: E731
-        return ls_attention(t["q"], t["k"], t["v"], t.get("proj"), window=w, causal=causal, chunk=chunk,
-                            ln_local=ln("lnL"), ln_global=ln("lnG"), project_after_ln=after,
-                            key_padding_mask=mask, backend="torch")
+        fn = attention or (lambda *a, **kw: ls_attention(*a, backend="torch", **kw))
+        return fn(t["q"], t["k"], t["v"], t.get("proj"), window=w, causal=causal, chunk=chunk,
+                  ln_local=ln("lnL"), ln_global=ln("lnG"), project_after_ln=after, key_padding_mask=mask)
 
     inputs = tuple(t.requires_grad_() for t in x.values())
     assert torch.autograd.gradcheck(f, inputs, fast_mode=False)
@@ -63,8 +64,7 @@ def test_gradcheck_blocked(c):
     gradcheck_case(c)
 
 
-def test_gradcheck_causal_query_groups(monkeypatch):
+def test_gradcheck_causal_query_groups():
     """Checkpointed query groups of the causal projected part (2 chunks per group here)."""
     c = (True, 1, 13, 4, 2, 2, 3, "rows", "shared", "shared", False)
-    monkeypatch.setattr(blocked, "_CAUSAL_GLOBAL_ELEMS", 1 * 2 * (13 // 3) * 2 * 6)
-    gradcheck_case(c)
+    gradcheck_case(c, attention=blocked_with(causal_global_elems=1 * 2 * (13 // 3) * 2 * 6))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ls_kernels import LongShortAttention, ls_attention_projected
-from ls_kernels.long_short import INTERPRET
+from ls_kernels.config import INTERPRET
 from reference import ls_attention_ref, window_mask
 
 E, H = 16, 2

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from ls_kernels import ls_attention
-from ls_kernels.long_short import INTERPRET
+from ls_kernels.config import INTERPRET
 from reference.inputs import make_inputs, to64
 from reference import ls_attention_ref
-from test_triton_forward import DEVICE, PAPER, TINY, _grid, _id
+from cases import DEVICE, TINY
+from cases import TRITON_PAPER as PAPER
+from cases import triton_grid as _grid
+from cases import triton_id as _id
 
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs CUDA or TRITON_INTERPRET=1")
 

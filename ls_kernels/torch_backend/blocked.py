@@ -8,67 +8,49 @@ reshapes of k and v. The window part and the projected part are partial
 softmaxes, each returning (row logsumexp, normalised output), merged exactly into
 ONE softmax at the end, as split-KV attention kernels do: each output weighted by
 exp(its logsumexp - the union's). Row maxima used for stability are detached: the
-result does not depend on them, so gradients are exact.
+result does not depend on them, so gradients are exact. Dropout on the attention
+probabilities drops terms of each partial's output while its logsumexp counts them
+all, so the merged output is sum_j dropout(a_j) v_j.
 
-Matrix products run in the input dtype; LayerNorm, softmax statistics and the
-merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
+LayerNorm, softmax statistics, the products (fp16/bf16 accumulate in fp32, as the
+kernels do) and the merge run in fp32 (fp64 for fp64 inputs). Differentiable by autograd.
 
 On CPU with fp32 or fp64 inputs each partial softmax runs in ATen's fused CPU
 flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, with a
 -inf bias as mask), which never materializes the scores and reads the windows in
-place. Elsewhere (CUDA: the unfused baseline; fp16/bf16) the scores are
-materialized by matmuls. Set ``FUSED_CPU = False`` to use the matmul path on CPU too.
+place. Elsewhere (CUDA: the unfused baseline; fp16/bf16; dropout) the scores are
+materialized by matmuls; ``Options(fused_cpu=False)`` uses that path on CPU too.
 """
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# elements of causal projected-key scores scored at once; larger inputs are cut
-# into query groups, checkpointed under autograd so memory stays linear in N
-_CAUSAL_GLOBAL_ELEMS = 1 << 25
-# at most this many queries per causal projected-key group (less of each group's keys masked out)
-_CAUSAL_GLOBAL_GROUP = 1024
-FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+from ..common import all_finite, layer_norm, masked_softmax, projected_visibility, zero_padded_unless_finite
+from ..config import LSConfig, acc_dtype, half_width
+
+_HAS_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@dataclass(frozen=True)
+class Options:
+    """How the blocked path computes (not what): fused_cpu: partial softmaxes in ATen's fused CPU kernel where
+    it applies; dropout_p: dropout on the attention probabilities; causal_global_elems: causal projected-key
+    scores scored at once (larger inputs are cut into query groups, checkpointed under autograd so memory
+    stays linear in N); causal_global_group: at most this many queries per such group."""
+    fused_cpu: bool = _HAS_FUSED_CPU
+    dropout_p: float = 0.0
+    causal_global_elems: int = 1 << 25
+    causal_global_group: int = 1024
 
 
-def layer_norm(x, ln, eps):
-    """LayerNorm over the last dim of x (B, H, ..., D); ln = (weight, bias) of (D,) or (H, D); None = identity."""
-    if ln is None:
-        return x
-    D = x.shape[-1]
-    weight, bias = ln
-    if weight.dim() == 1:
-        return F.layer_norm(x, (D,), weight.to(x.dtype), bias.to(x.dtype), eps=eps)
-    shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (D,)
-    return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
+DEFAULT = Options()
 
 
-def all_finite(x):
-    """Whether x holds no inf or NaN, by one reduction (no boolean copy of x). A sum that overflows answers
-    False, which only sends the caller down its slower path that is exact for any values."""
-    return bool(torch.isfinite(x.sum(dtype=_acc_dtype(x.dtype))))
-
-
-def zero_padded(x, pad):
-    """x (B, H, N, ...) with the rows of padded positions (pad (B, N), True = padding) set to 0."""
-    return x.masked_fill(pad.reshape(pad.shape[0], 1, pad.shape[1], *(1,) * (x.dim() - 3)), 0.0)
-
-
-def masked_softmax(x, visible, dim):
-    """Softmax over visible entries; a slice with nothing visible gives zeros (not NaN)."""
-    any_visible = visible.any(dim, keepdim=True)
-    x = x.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
-    return torch.softmax(x, dim) * any_visible
-
-
-def _fused(q):
-    return FUSED_CPU and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+def _fused(q, opts):
+    return (opts.fused_cpu and _HAS_FUSED_CPU and opts.dropout_p == 0 and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.float64))
 
 
 class _FlashCPU(torch.autograd.Function):
@@ -138,17 +120,18 @@ def _fused_call(q, k, v, bias, seen, scale, heads):
     return torch.where(seen, lse.reshape(*lead, M), float("-inf")), o.reshape(*lead, M, -1)
 
 
-def _partial(q, k, v, visible, scale):
+def _partial(q, k, v, visible, scale, opts):
     """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
 
     Returns the row logsumexp [..., M] (-inf for rows that see nothing) and the normalised
-    output [..., M, D] (0 there), in the accumulation dtype.
+    output [..., M, D] (0 there), in the accumulation dtype; with dropout, the output sums
+    the kept probabilities, rescaled, over the normaliser of them all.
     """
     # the fused kernel divides by zero on empty inputs, and gives rows whose every score is -inf (an
     # infinite key) lse = 0 instead of -inf
-    if _fused(q) and q.numel() > 0 and k.shape[-2] > 0 and all_finite(k):
+    if _fused(q, opts) and q.numel() > 0 and k.shape[-2] > 0 and all_finite(k):
         return _partial_fused(q, k, v, visible, scale)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     # fp16/bf16 products accumulate in fp32, as in the kernels: fp16 scores or sums of p @ v can overflow
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # [..., M, K]
     s.mul_(scale).masked_fill_(~visible, float("-inf"))
@@ -157,6 +140,8 @@ def _partial(q, k, v, visible, scale):
     p = s.sub_(m).exp_()  # [..., M, K]
     z = p.sum(-1, keepdim=True)  # [..., M, 1], 0 for rows that see nothing
     z_safe = torch.where(z > 0, z, 1.0)
+    if opts.dropout_p > 0:
+        p = F.dropout(p, opts.dropout_p, training=True)
     o = torch.matmul(p.to(v.dtype).to(acc), v.to(acc)) / z_safe  # [..., M, D], p rounded as the kernels do
     return torch.where(z > 0, m + torch.log(z_safe), float("-inf")).squeeze(-1), o
 
@@ -201,22 +186,22 @@ def _windows(x, left, right, size, step):
     return (F.pad(x, (0, 0, left, right)) if left or right else x).unfold(2, size, step).transpose(-1, -2)
 
 
-def _local_bidirectional(q, k, v, pad, w, scale):
+def _local_bidirectional(q, k, v, pad, w, scale, opts):
     B, H, N, D = q.shape
     n_seg = -(-N // w)
     if n_seg == 1:  # w >= N: every query's window covers the whole sequence
-        return _partial(q, k, v, ~pad[:, None, None, :], scale)
-    e = max(w // 2, 1)
+        return _partial(q, k, v, ~pad[:, None, None, :], scale, opts)
+    e = half_width(w)
     size, tail = w + 2 * e, n_seg * w - N
     q_seg = _segments(q, w, n_seg)  # (B, H, S, w, D)
     k_win = _windows(k, e, tail + e, size, w)  # (B, H, S, w + 2e, D)
     v_win = _windows(v, e, tail + e, size, w)
     key_pad = F.pad(pad, (e, tail + e), value=True).unfold(1, size, w)  # (B, S, w + 2e)
-    lse, o = _partial(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale)
+    lse, o = _partial(q_seg, k_win, v_win, ~key_pad[:, None, :, None, :], scale, opts)
     return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
-def _local_causal(q, k, v, pad, w, scale):
+def _local_causal(q, k, v, pad, w, scale, opts):
     """Causal windows in segments of w queries: query i of a segment sees keys i - w + 1 .. i, that is
     keys 0 .. i of its own segment and keys i + 1 .. w - 1 of the previous one. Two partial softmaxes
     over key blocks that are plain reshapes of k and v (no overlapping windows, whose gradients would
@@ -228,40 +213,37 @@ def _local_causal(q, k, v, pad, w, scale):
     q_seg, k_seg, v_seg = (_segments(x, w, S) for x in (q, k, v))  # (B, H, S, w, D)
     i = torch.arange(w, device=q.device)
     own, prev = i[None, :] <= i[:, None], i[None, :] > i[:, None]  # (w, w): [query, key]
-    if pad.any():  # key padding: a mask per sequence
+    if torch.compiler.is_compiling() or pad.any():  # key padding: a mask per sequence (traced: always)
         key_ok = ~F.pad(pad, (0, S * w - N), value=True).reshape(B, 1, S, 1, w)
         own, prev = own & key_ok, prev & key_ok[:, :, :-1]
-    lse, o = _partial(q_seg, k_seg, v_seg, own, scale)
+    lse, o = _partial(q_seg, k_seg, v_seg, own, scale, opts)
     if S > 1:  # segments 1 .. S - 1 over the keys of segments 0 .. S - 2
         later = _combine([(lse[:, :, 1:], o[:, :, 1:]),
-                          _partial(q_seg[:, :, 1:], k_seg[:, :, :-1], v_seg[:, :, :-1], prev, scale)])
+                          _partial(q_seg[:, :, 1:], k_seg[:, :, :-1], v_seg[:, :, :-1], prev, scale, opts)])
         lse, o = (torch.cat([x[:, :, :1], y], 2) for x, y in zip((lse, o), later))
     return lse.reshape(B, H, -1)[:, :, :N], o.reshape(B, H, -1, D)[:, :, :N]
 
 
-def _projected_bidirectional(proj, k_src, v_src, pad, ln_global, eps):
-    """Projected keys and values (B, H, r, D) and whether the sequence has any real token (B,)."""
-    valid = ~pad[:, None, :, None]  # (B, 1, N, 1)
-    P = masked_softmax(proj.to(k_src.dtype), valid, dim=2)  # (B, H, N, r), softmax over positions
-    k_g = layer_norm(P.transpose(-1, -2) @ k_src, ln_global, eps)
-    v_g = layer_norm(P.transpose(-1, -2) @ v_src, ln_global, eps)
-    return k_g, v_g, (~pad).any(1)
+def project(proj, k_src, v_src, pad, *, causal, chunk, ln_global=None, eps=1e-5):
+    """The dynamic projection: proj (B, H, N, r) logits, k_src, v_src (B, H, N, D) what it reads, pad (B, N).
 
-
-def _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps):
-    """Per-chunk projected keys and values (B, H, nc * r, D), chunk-major, and chunk validity (B, nc)."""
+    Returns kg, vg (B, H, NG, D) = LN_G(P^T k_src), LN_G(P^T v_src), P the softmax of proj over the N
+    positions (bidirectional, NG = r) or over each full chunk (causal, NG = (N // chunk) * r, chunk-major),
+    in k_src's dtype, and (B, NG) bool: the vector's sequence or chunk has a real token.
+    """
     B, H, N, D = k_src.shape
     r = proj.shape[-1]
-    nc = N // chunk
-    n = nc * chunk
-    valid = ~pad[:, :n].reshape(B, 1, nc, chunk, 1)
-    P = masked_softmax(proj[:, :, :n].to(k_src.dtype).reshape(B, H, nc, chunk, r), valid, dim=3)
-    k_g = layer_norm(P.transpose(-1, -2) @ k_src[:, :, :n].reshape(B, H, nc, chunk, D), ln_global, eps)
-    v_g = layer_norm(P.transpose(-1, -2) @ v_src[:, :, :n].reshape(B, H, nc, chunk, D), ln_global, eps)
-    return k_g.reshape(B, H, nc * r, D), v_g.reshape(B, H, nc * r, D), valid.reshape(B, nc, chunk).any(-1)
+    groups, size = (1, N) if not causal else (N // chunk, chunk)
+    n = groups * size
+    valid = ~pad[:, :n].reshape(B, 1, groups, size, 1)
+    P = masked_softmax(proj[:, :, :n].to(k_src.dtype).reshape(B, H, groups, size, r), valid, dim=3)
+    k_g = layer_norm(P.transpose(-1, -2) @ k_src[:, :, :n].reshape(B, H, groups, size, D), ln_global, eps)
+    v_g = layer_norm(P.transpose(-1, -2) @ v_src[:, :, :n].reshape(B, H, groups, size, D), ln_global, eps)
+    seen = valid.reshape(B, groups, size).any(-1).repeat_interleave(r, dim=1)
+    return k_g.reshape(B, H, groups * r, D), v_g.reshape(B, H, groups * r, D), seen
 
 
-def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, shared=None):
+def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, opts, shared=None):
     """Partial softmax of queries start .. start + len(q) (start a multiple of chunk) over the chunks
     strictly before theirs: the chunks before the group's first, seen by all its queries, and the
     group's own chunks, seen by its later queries.
@@ -279,66 +261,76 @@ def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, share
     parts = []
     if c0 > 0:
         parts.append(_partial(q, k_g[:, :, :c0 * r], v_g[:, :, :c0 * r],
-                              chunk_valid[:, None, None, :c0].repeat_interleave(r, -1), scale))
+                              chunk_valid[:, None, None, :c0].repeat_interleave(r, -1), scale, opts))
     if c1 > c0:
         t = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
         key_chunk = torch.arange(c0 * r, c1 * r, device=q.device) // r
         visible = (key_chunk[None, :] < t // chunk) & chunk_valid[:, None, None, key_chunk]  # (B, 1, G, K)
-        parts.append(_partial(q, k_g[:, :, c0 * r:c1 * r], v_g[:, :, c0 * r:c1 * r], visible, scale))
+        parts.append(_partial(q, k_g[:, :, c0 * r:c1 * r], v_g[:, :, c0 * r:c1 * r], visible, scale, opts))
     if not parts:  # queries of the first chunk see no projected vector: zeros, still in the autograd graph
         parts.append(_partial(q, k_g[:, :, :r], v_g[:, :, :r], chunk_valid[:, None, None, :0].any(-1, keepdim=True),
-                              scale))
+                              scale, opts))
     return _combine(parts) if len(parts) > 1 else parts[0]
 
 
-def _global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale):
+def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT):
+    """Partial softmax of every query over the projected vectors (B, H, nc * r, D) of the chunks before its
+    own; chunk_valid (B, nc): chunks with a real token. Returns (lse, o) as _partial."""
     B, H, N, D = q.shape
     nc = chunk_valid.shape[1]
-    group = min(_CAUSAL_GLOBAL_ELEMS // max(B * H * nc * r, 1), _CAUSAL_GLOBAL_GROUP)
+    group = min(opts.causal_global_elems // max(B * H * nc * r, 1), opts.causal_global_group)
     group = max(chunk, group // chunk * chunk)
-    # the matmul path materializes each group's scores: recompute them in the backward
-    use_ckpt = not _fused(q) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
+    # the matmul path materializes each group's scores: recompute them in the backward (the same dropout
+    # masks: checkpoint restores the random state)
+    use_ckpt = not _fused(q, opts) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
     shared = None
-    if _fused(q) and bool(chunk_valid.all()):
+    if _fused(q, opts) and bool(chunk_valid.all()):
         t = torch.arange(group, device=q.device)[:, None]
         own = torch.arange(group // chunk * r, device=q.device)[None, :] // r < t // chunk
         shared = torch.zeros(group, (nc + group // chunk) * r, dtype=q.dtype, device=q.device)
         shared[:, nc * r:].masked_fill_(~own, float("-inf"))
     parts = []
     for start in range(0, N, group):
-        args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale)
+        args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale, opts)
         parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False) if use_ckpt
                      else _causal_global_group(*args, shared=shared))
     return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(2))
 
 
-def ls_attention_torch(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global,
-                       project_after_ln, key_padding_mask, scale, eps):
-    """Blocked long-short attention on validated inputs; shapes as ``ls_attention``."""
-    B, H, N, D = q.shape
-    acc = _acc_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    if key_padding_mask is not None:  # what padded positions hold never matters (0 * NaN would)
-        q, k, v = (x if all_finite(x) else zero_padded(x, pad) for x in (q, k, v))
+def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
+              opts=DEFAULT):
+    """Blocked long-short attention of validated inputs, in q's dtype.
 
-    k_loc, v_loc = layer_norm(k.to(acc), ln_local, eps), layer_norm(v.to(acc), ln_local, eps)
-    parts = []
+    q, k, v (B, H, N, D); proj (B, H, N, r): the projection runs here (LN_L when cfg.project_after_ln, then
+    LN_G); or kg, vg (B, H, NG, D): projected keys and values as given (NG = cfg.num_projected(N)); or
+    neither: window only. ln_local, ln_global: (weight, bias) of (D,) or (H, D), or None; pad (B, N) bool.
+    """
+    B, H, N, D = q.shape
+    acc = acc_dtype(q.dtype)
+    mask = torch.zeros(B, N, dtype=torch.bool, device=q.device) if pad is None else pad
+    if pad is not None:  # what padded positions hold never matters (0 * NaN would)
+        q, k, v = (zero_padded_unless_finite(x, mask) for x in (q, k, v))
+    k_loc, v_loc = layer_norm(k.to(acc), ln_local, cfg.eps), layer_norm(v.to(acc), ln_local, cfg.eps)
     if proj is not None:
-        k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
-        r = proj.shape[-1]
-        if not causal:
-            k_g, v_g, seq_valid = _projected_bidirectional(proj, k_src, v_src, pad, ln_global, eps)
-            parts.append(_partial(q, k_g.to(q.dtype), v_g.to(q.dtype), seq_valid[:, None, None, None], scale))
-        elif N // chunk > 0:
-            k_g, v_g, chunk_valid = _projected_causal(proj, k_src, v_src, pad, chunk, ln_global, eps)
-            parts.append(_global_causal(q, k_g.to(q.dtype), v_g.to(q.dtype), chunk_valid, chunk, r, scale))
-    if window > 0:
-        local = _local_causal if causal else _local_bidirectional
-        parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), pad, window, scale))
-    if not parts:  # causal projection-only with no full chunk: nothing is visible
-        return torch.where(torch.zeros_like(pad)[:, None, :, None], q, 0.0)
+        k_src, v_src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
+        kg, vg, seen = project(proj, k_src, v_src, mask, causal=cfg.causal, chunk=cfg.chunk, ln_global=ln_global,
+                               eps=cfg.eps)
+    elif kg is not None:
+        seen = projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal, chunk=cfg.chunk, device=q.device)
+        kg, vg = (x if all_finite(x) else x.masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
+    parts = []
+    if kg is not None and kg.shape[2] > 0:
+        kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+        if not cfg.causal:
+            parts.append(_partial(q, kg, vg, seen[:, None, None, :], cfg.scale, opts))
+        else:
+            parts.append(global_causal(q, kg, vg, seen[:, ::cfg.rank], cfg.chunk, cfg.rank, cfg.scale, opts))
+    if cfg.window > 0:
+        local = _local_causal if cfg.causal else _local_bidirectional
+        parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), mask, cfg.window, cfg.scale, opts))
+    if not parts:  # causal projection-only with no full chunk: nothing is visible (zeros, still in the graph)
+        return torch.where(torch.zeros_like(mask)[:, None, :, None], q, 0.0)
     out = _merge(parts)
-    if key_padding_mask is not None:
+    if pad is not None:
         out = out.masked_fill(pad[:, None, :, None], 0.0)
     return out.to(q.dtype)

@@ -1,0 +1,56 @@
+"""Host-side tensor rules both backends share: LayerNorm over D, the softmax over visible entries, which
+projected vectors a padding mask leaves visible, and how padded rows are neutralised."""
+import torch
+import torch.nn.functional as F
+
+from .config import acc_dtype
+
+
+def layer_norm(x, ln, eps):
+    """LayerNorm over the last dim of x (B, H, ..., D); ln = (weight, bias) of (D,) or (H, D); None = identity."""
+    if ln is None:
+        return x
+    D = x.shape[-1]
+    weight, bias = ln
+    if weight.dim() == 1:
+        return F.layer_norm(x, (D,), weight.to(x.dtype), bias.to(x.dtype), eps=eps)
+    shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (D,)
+    return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
+
+
+def masked_softmax(x, visible, dim):
+    """Softmax over visible entries; a slice with nothing visible gives zeros (not NaN)."""
+    any_visible = visible.any(dim, keepdim=True)
+    x = x.masked_fill(~visible, float("-inf")).masked_fill(~any_visible, 0.0)
+    return torch.softmax(x, dim) * any_visible
+
+
+def projected_visibility(key_padding_mask, B, N, rank, *, causal=False, chunk=16, device=None):
+    """(B, G) bool: projected vector g comes from a sequence (bidirectional) or chunk (causal) holding at
+    least one real token. G = rank (bidirectional) or (N // chunk) * rank (causal, chunk-major)."""
+    if key_padding_mask is None:
+        n = rank * (N // chunk if causal else 1)
+        return torch.ones(B, n, dtype=torch.bool, device=device)
+    real = ~key_padding_mask
+    if causal:
+        nc = N // chunk
+        real = real[:, :nc * chunk].reshape(B, nc, chunk)
+        return real.any(-1).repeat_interleave(rank, dim=1)
+    return real.any(-1, keepdim=True).expand(B, rank)
+
+
+def all_finite(x):
+    """Whether x holds no inf or NaN, by one reduction (no boolean copy of x). A sum that overflows answers
+    False, and so does a call while torch.compile traces (there is no data to look at): either only sends
+    the caller down its slower path that is exact for any values."""
+    if torch.compiler.is_compiling():
+        return False
+    return bool(torch.isfinite(x.sum(dtype=acc_dtype(x.dtype))))
+
+
+def zero_padded_unless_finite(x, pad):
+    """x (B, H, N, ...) with the rows of padded positions (pad (B, N), True = padding) set to 0 when x holds
+    inf or NaN anywhere (else x itself: zeros at padding matter only against 0 * NaN)."""
+    if all_finite(x):
+        return x
+    return x.masked_fill(pad.reshape(pad.shape[0], 1, pad.shape[1], *(1,) * (x.dim() - 3)), 0.0)

@@ -1,0 +1,57 @@
+"""The settings of one long-short attention call, and the small rules every path shares.
+
+Each rule is written once here: the bidirectional window's half width, the number of projected
+vectors, the accumulation dtype, which projected vector a padded sequence or chunk may show.
+Imported by every layer above; imports nothing of the package.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Triton runs its kernels on CPU tensors in its interpreter when this is set before import
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 128  # the Triton kernels' largest head dim
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LSConfig:
+    """What one call computes (README "What it computes").
+
+    window: w >= 0 (0: no window), at most N; causal: autoregressive; chunk: l >= 1, positions projected
+    together when causal; rank: r, projected vectors per sequence (bidirectional) or chunk (causal), 0 for
+    none; project_after_ln: the projection reads LN_L(k), LN_L(v); scale: the score scale; eps: the
+    LayerNorm epsilon.
+    """
+    window: int
+    causal: bool
+    chunk: int
+    rank: int
+    scale: float
+    eps: float = 1e-5
+    project_after_ln: bool = False
+
+    @property
+    def half_width(self):
+        """e: a bidirectional window is its segment of w positions widened by e on each side."""
+        return half_width(self.window)
+
+    def num_projected(self, N):
+        """NG: projected vectors of a sequence of N positions (causal: of its full chunks, chunk-major)."""
+        return self.rank * (N // self.chunk if self.causal else 1)
+
+
+def half_width(window):
+    return max(window // 2, 1)
+
+
+def default_scale(D):
+    return 1.0 / math.sqrt(D)
+
+
+def acc_dtype(dtype):
+    """Accumulation dtype of statistics and products: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

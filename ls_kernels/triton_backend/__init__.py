@@ -1,0 +1,5 @@
+"""The fused Triton kernels (``kernels/``) and their launchers (``launch.py``: forward and backward)."""
+from .launch import Grads, backward, forward
+from .projection import Projected
+
+__all__ = ["Grads", "Projected", "backward", "forward"]

@@ -1,0 +1,1 @@
+"""Triton kernels: common jit helpers, window/projected visibility, forward, backward, projection."""

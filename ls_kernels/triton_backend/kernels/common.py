@@ -1,0 +1,116 @@
+"""Triton helpers shared by every kernel: the scalar slots, dots, masked row loads, LayerNorm, exp/log in
+the kernels' units, one online-softmax step."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_scalars(SCALARS):  # [4]: the layout of launch.make_scalars
+    """(qk_scale, eps, zero, scale): the score scale times log2(e) (fp64: times 1), the LayerNorm epsilon, 0 in
+    the accumulation dtype (adding it promotes a tensor to that dtype), and the plain score scale."""
+    return tl.load(SCALARS), tl.load(SCALARS + 1), tl.load(SCALARS + 2), tl.load(SCALARS + 3)
+
+
+@triton.jit
+def _tile(start, BLOCK: tl.constexpr, limit):
+    """(offs [BLOCK], mask [BLOCK]): the indices start .. start + BLOCK - 1 and which lie below limit."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < limit
+
+
+@triton.jit
+def _batch_head(pid_bh, H):
+    """(off_b, off_h), int64, of a program over the B * H sequences."""
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _dot(a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """a [M, K] @ b [K, N]; GPUs have no fp64 tl.dot, so fp64 multiplies and sums."""
+    if IS_FP64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _exp(x, IS_FP64: tl.constexpr):
+    """exp in the kernels' units: base 2 for fp32 (scores carry log2(e)), natural for fp64."""
+    if IS_FP64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _real_rows(pad_base, offs, mask_rows, HAS_PAD: tl.constexpr):
+    """[R]: rows offs inside mask_rows that are not padding (pad_base: one int8 per position, nonzero = padding).
+    Loads masked with it read 0 at padded positions, so that what they hold never matters."""
+    if HAS_PAD:
+        return mask_rows & (tl.load(pad_base + offs, mask=mask_rows, other=1) == 0)
+    else:
+        return mask_rows
+
+
+@triton.jit
+def _load_rows(ptr, offs, stride, mask_rows, offs_d, mask_d):
+    """Rows offs (row stride `stride`, unit column stride) as [R, BLOCK_D], zeros outside the masks."""
+    return tl.load(ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :],
+                   mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _load_normed_rows(base, offs, stride, valid, offs_d, mask_d, zero, ln_w, ln_b, eps, HAS_LN: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
+    """Rows as _load_rows (zeros where not valid), in the accumulation dtype, LayerNorm applied if HAS_LN."""
+    x = _load_rows(base, offs, stride, valid, offs_d, mask_d) + zero
+    if HAS_LN:
+        x = _layer_norm_rows(x, ln_w, ln_b, mask_d, eps, HEAD_DIM)
+    return x
+
+
+@triton.jit
+def _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN: tl.constexpr):
+    """LayerNorm weight and bias [BLOCK_D] of head off_h (stride_lnh = 0 when shared); zeros without LN."""
+    if HAS_LN:
+        weight = tl.load(LNW + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+        bias = tl.load(LNB + off_h * stride_lnh + offs_d, mask=mask_d, other=0.0) + zero
+    else:
+        weight = tl.zeros(offs_d.shape, tl.float32) + zero
+        bias = weight
+    return weight, bias
+
+
+@triton.jit
+def _normalize_rows(x, mask_d, eps, HEAD_DIM: tl.constexpr):
+    """(x_hat, rstd) of each row of x [R, BLOCK_D] over its first HEAD_DIM columns (zeros beyond)."""
+    xc = tl.where(mask_d[None, :], x - tl.sum(x, axis=1)[:, None] / HEAD_DIM, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)  # [R]
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _layer_norm_rows(x, weight, bias, mask_d, eps, HEAD_DIM: tl.constexpr):
+    """LayerNorm of each row of x [R, BLOCK_D] over its first HEAD_DIM columns."""
+    x_hat, _ = _normalize_rows(x, mask_d, eps, HEAD_DIM)
+    return x_hat * weight[None, :] + bias[None, :]
+
+
+@triton.jit
+def _layer_norm_rows_bwd(g, x_hat, rstd, HEAD_DIM: tl.constexpr):
+    """dx of y = x_hat * w + b given g = dy * w: rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
+    return rstd[:, None] * (g - tl.sum(g, axis=1)[:, None] / HEAD_DIM
+                            - x_hat * tl.sum(g * x_hat, axis=1)[:, None] / HEAD_DIM)
+
+
+@triton.jit
+def _softmax_step(s, visible, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax update with a tile of scores s [BLOCK_M, BLOCK_K] and values [BLOCK_K, BLOCK_D]."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BLOCK_M]
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    alpha = _exp(m_i - m_safe, IS_FP64)
+    p = _exp(s - m_safe[:, None], IS_FP64)  # [BLOCK_M, BLOCK_K]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(values.dtype), values, IS_FP64, PRECISION)
+    return m_new, l_i, acc

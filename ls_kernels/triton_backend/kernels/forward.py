@@ -1,0 +1,82 @@
+"""The forward kernel: for a block of queries, ONE online softmax over the projected vectors visible to the
+block and its window keys, LN_L applied to every loaded key and value tile in registers. Writes O and an
+fp32 logsumexp per query (+inf for queries that see nothing or are padded, so the backward recomputes zero
+probabilities for them)."""
+import triton
+import triton.language as tl
+
+from .common import _load_ln, _load_rows, _load_scalars, _softmax_step, _tile
+from .visibility import _projected_range, _projected_scores, _window_range, _window_scores
+
+
+@triton.jit
+def _ls_fwd_kernel(
+    Q, K, V,  # [B, H, N, HEAD_DIM], unit last stride
+    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, accumulation dtype: projected keys and values
+    GVIS,  # [B, NG] int8: the projected vector's sequence or chunk has a real token
+    PAD,  # [B, N] int8, nonzero = padding
+    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
+    SCALARS,  # [4]: _load_scalars
+    O,  # [B, H, N, HEAD_DIM] output, q's dtype
+    O_ACC,  # [B, H, N, HEAD_DIM] contiguous, fp32: the unrounded output (STORE_ACC)
+    LSE,  # [B, H, N] contiguous: row logsumexp in the scores' units
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_padb, stride_lnh,
+    H, N, NG, WINDOW, HALF, CHUNK, RANK,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    off_b, off_h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m, mask_m = _tile(start_m, BLOCK_M, N)
+    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    qk_scale, eps, zero, scale = _load_scalars(SCALARS)
+
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32) + zero
+    l_i = tl.zeros([BLOCK_M], tl.float32) + zero
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
+    last_m = tl.minimum(start_m + BLOCK_M, N) - 1  # last real query of the block
+
+    if HAS_GLOBAL:
+        g_hi = _projected_range(last_m, NG, CHUNK, RANK, CAUSAL)
+        for start_g in range(0, g_hi, BLOCK_G):
+            kg, vg, visible, s = _projected_scores(q, qk_scale, KG, VG, GVIS, (off_b * H + off_h) * NG, off_b * NG,
+                                                   offs_m, start_g, g_hi, offs_d, mask_d, CHUNK, RANK, CAUSAL,
+                                                   HEAD_DIM, IS_FP64, PRECISION, BLOCK_G)
+            m_i, l_i, acc = _softmax_step(s, visible, vg, m_i, l_i, acc, IS_FP64, PRECISION)
+
+    if HAS_LOCAL:
+        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
+        lo, hi = _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N, CAUSAL)
+        for start_n in range(lo, hi, BLOCK_N):
+            k, v, visible, s = _window_scores(q, qk_scale, K + off_b * stride_kb + off_h * stride_kh,
+                                              V + off_b * stride_vb + off_h * stride_vh, stride_kn, stride_vn,
+                                              PAD + off_b * stride_padb, offs_m, start_n, offs_d, mask_d, ln_w,
+                                              ln_b, eps, zero, N, WINDOW, HALF, HAS_LN, HAS_PAD, CAUSAL, HEAD_DIM,
+                                              IS_FP64, PRECISION, BLOCK_N)
+            m_i, l_i, acc = _softmax_step(s, visible, v, m_i, l_i, acc, IS_FP64, PRECISION)
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    l_safe = tl.where(seen, l_i, 1.0)
+    if IS_FP64:  # the logsumexp in the scores' units
+        log_l = tl.log(l_safe)
+    else:
+        log_l = tl.log2(l_safe)
+    lse = tl.where(seen, m_i + log_l, float("inf"))
+    if HAS_PAD:
+        q_pad = tl.load(PAD + off_b * stride_padb + offs_m, mask=mask_m, other=1) != 0
+        out = tl.where(q_pad[:, None], 0.0, out)
+        lse = tl.where(q_pad, float("inf"), lse)
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if STORE_ACC:  # unrounded output, (B, H, N, HEAD_DIM): the backward's rowsum(dO * O) uses it
+        acc_ptrs = O_ACC + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(acc_ptrs, out, mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + (off_b * H + off_h) * N + offs_m, lse, mask=mask_m)

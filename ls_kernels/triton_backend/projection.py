@@ -1,0 +1,136 @@
+"""Launchers of the projection pre-pass (P = softmax of proj over positions; Kg = LN_G(P^T k_P),
+Vg = LN_G(P^T v_P)) and of its backward, with their default tiles."""
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .args import absent, block_d, ln_params, next_pow2
+from .kernels.projection import _proj_bwd_kernel, _proj_combine_kernel, _proj_partial_kernel
+
+# programs a bidirectional projection spreads over, to fill a GPU; each takes at least this many positions
+_TARGET_PROGRAMS = 512
+_MIN_SEGMENT = 64
+_SEGMENT_ALIGN = 16
+
+
+class Projected(NamedTuple):
+    """The projection's outputs, each (B, H, NG, D) but col_lse (B, H, NG), in the accumulation dtype:
+    Kg, Vg (after LN_G), P^T k_P and P^T v_P (before it), and each column's logsumexp over its positions."""
+    kg: torch.Tensor
+    vg: torch.Tensor
+    k_raw: torch.Tensor
+    v_raw: torch.Tensor
+    col_lse: torch.Tensor
+
+
+def proj_config(D, r, seg_len):
+    """(BLOCK_N, BLOCK_R) of the pre-pass: IEEE fp32 dots, so small tiles (larger ones spill)."""
+    cap = 32 if D <= 64 else 16
+    BLOCK_R = max(16, min(cap, next_pow2(r)))
+    BLOCK_N = max(16, min(cap, next_pow2(seg_len)))
+    return BLOCK_N, BLOCK_R
+
+
+def proj_bwd_config(D, r, seg_len):
+    """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_80 and sm_90a)."""
+    BLOCK_N = 32 if seg_len >= 32 and D <= 64 else 16
+    return BLOCK_N, 16, (4 if BLOCK_N == 32 else 8)
+
+
+def _bidirectional_segments(N, programs_per_segment):
+    """(seg_len, n_seg): a bidirectional sequence cut into segments so that about _TARGET_PROGRAMS run."""
+    n_seg = max(1, min(triton.cdiv(N, _MIN_SEGMENT), _TARGET_PROGRAMS // max(1, programs_per_segment)))
+    seg_len = triton.cdiv(triton.cdiv(N, n_seg), _SEGMENT_ALIGN) * _SEGMENT_ALIGN
+    return seg_len, triton.cdiv(N, seg_len)
+
+
+def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causal, chunk, scalars):
+    """Projected keys and values of validated inputs.
+
+    proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1; pad8 (B, N) int8 or
+    None; ln_src: LN_L when the projection reads LN_L(k), LN_L(v), else None; scalars: make_scalars.
+    Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
+    """
+    B, H, N, D = k.shape
+    r = proj.shape[-1]
+    acc = scalars.dtype
+    device = k.device
+    BLOCK_D = block_d(D)
+    BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
+    n_rblk = triton.cdiv(r, BLOCK_R)
+    if causal:
+        n_groups = N // chunk
+        seg_len, segs_per_group = chunk, 1
+        n_seg = n_groups
+    else:
+        n_groups = 1
+        seg_len, n_seg = _bidirectional_segments(N, B * H * n_rblk)
+        segs_per_group = n_seg
+    NG = n_groups * r
+    part_m = torch.empty(B, H, n_seg, r, dtype=acc, device=device)
+    part_z = torch.empty_like(part_m)
+    part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)
+    part_v = torch.empty_like(part_k)
+    kg = torch.empty(B, H, NG, D, dtype=acc, device=device)
+    vg, k_raw, v_raw = torch.empty_like(kg), torch.empty_like(kg), torch.empty_like(kg)
+    col_lse = torch.empty(B, H, NG, dtype=acc, device=device)
+    if NG == 0:
+        return Projected(kg, vg, k_raw, v_raw, col_lse)
+    lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, device)
+    lng_w, lng_b, lng_stride = ln_params(ln_global, H, D, acc, device)
+    is_fp64 = acc == torch.float64
+    _proj_partial_kernel[(n_seg, n_rblk, B * H)](
+        proj, k, v, pad8 if pad8 is not None else absent(device), lnl_w, lnl_b, scalars,
+        part_m, part_z, part_k, part_v,
+        proj.stride(0), proj.stride(1), proj.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_pad, lnl_stride,
+        N, H, r, seg_len,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=is_fp64,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    _proj_combine_kernel[(n_groups, n_rblk, B * H)](
+        part_m, part_z, part_k, part_v, lng_w, lng_b, scalars,
+        kg, vg, k_raw, v_raw, col_lse,
+        H, r, segs_per_group, lng_stride,
+        HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+    )
+    return Projected(kg, vg, k_raw, v_raw, col_lse)
+
+
+def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, scalars, projected, dk_raw, dv_raw):
+    """Gradients of proj and of what the projection read (k_P, v_P), from dL/dKraw and dL/dVraw.
+
+    Inputs as projection_forward; projected: its Projected; dk_raw, dv_raw: (B, H, NG, D). Returns dproj
+    (B, H, N, r) in proj's dtype and dk_src, dv_src (B, H, N, D) in the accumulation dtype (zero past the
+    last full chunk when causal).
+    """
+    k_raw, v_raw, col_lse = projected.k_raw, projected.v_raw, projected.col_lse
+    B, H, N, D = k.shape
+    r = proj.shape[-1]
+    acc = scalars.dtype
+    NG = k_raw.shape[2]
+    dproj = torch.zeros(B, H, N, r, dtype=proj.dtype, device=proj.device)
+    dk_src = torch.zeros(B, H, N, D, dtype=acc, device=k.device)
+    dv_src = torch.zeros_like(dk_src)
+    if NG == 0:
+        return dproj, dk_src, dv_src
+    col_dot = ((k_raw * dk_raw).sum(-1) + (v_raw * dv_raw).sum(-1)).contiguous()  # (B, H, NG)
+    BLOCK_N, BLOCK_R, num_warps = proj_bwd_config(D, r, chunk if causal else N)
+    seg_len, n_seg = (chunk, N // chunk) if causal else _bidirectional_segments(N, B * H)
+    lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, k.device)
+    _proj_bwd_kernel[(n_seg, B * H)](
+        proj, k, v, pad8 if pad8 is not None else absent(k.device), lnl_w, lnl_b, scalars, col_lse,
+        dk_raw.contiguous(), dv_raw.contiguous(), col_dot,
+        dproj, dk_src, dv_src,
+        proj.stride(0), proj.stride(1), proj.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_pad, lnl_stride,
+        N, H, r, seg_len, NG, 1 if causal else 0,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
+        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
+    )
+    return dproj, dk_src, dv_src
