@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .common import (_batch_head, _dot, _exp, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows,
-                     _load_scalars, _normalize_rows, _real_rows, _tile)
-from .visibility import _global_visible, _local_visible, _projected_range, _projected_scores, _window_range, _window_scores
+                     _load_scalars, _normalize_rows, _query_block, _real_rows, _tile)
+from .visibility import _global_visible, _local_visible, _visit_keys
 
 
 @triton.jit
@@ -21,10 +21,8 @@ def _ls_bwd_dq_kernel(
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous: the forward's logsumexp, rowsum(dO * O)
     DQ,  # [B, H, N, HEAD_DIM] contiguous, q's dtype
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # (B, H, N) strides of Q, K, V, DO
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_padb, stride_lnh,
     H, N, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
@@ -32,42 +30,18 @@ def _ls_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of a block of queries: probabilities recomputed from the logsumexp, same key sets as the forward."""
-    off_b, off_h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
-    offs_m, mask_m = _tile(start_m, BLOCK_M, N)
-    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
     qk_scale, eps, zero, scale = _load_scalars(SCALARS)
     q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, q_ok, offs_d, mask_d)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
     lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
     delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
-    last_m = tl.minimum(start_m + BLOCK_M, N) - 1
-
-    if HAS_GLOBAL:
-        g_hi = _projected_range(last_m, NG, CHUNK, RANK, CAUSAL)
-        for start_g in range(0, g_hi, BLOCK_G):
-            kg, vg, visible, s = _projected_scores(q, qk_scale, KG, VG, GVIS, (off_b * H + off_h) * NG, off_b * NG,
-                                                   offs_m, start_g, g_hi, offs_d, mask_d, CHUNK, RANK, CAUSAL,
-                                                   HEAD_DIM, IS_FP64, PRECISION, BLOCK_G)
-            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            ds = p * (_dot(do, tl.trans(vg), IS_FP64, PRECISION) - delta[:, None])
-            dq += _dot(ds.to(q.dtype), kg, IS_FP64, PRECISION)
-
-    if HAS_LOCAL:
-        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
-        lo, hi = _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N, CAUSAL)
-        for start_n in range(lo, hi, BLOCK_N):
-            k, v, visible, s = _window_scores(q, qk_scale, K + off_b * stride_kb + off_h * stride_kh,
-                                              V + off_b * stride_vb + off_h * stride_vh, stride_kn, stride_vn,
-                                              PAD + off_b * stride_padb, offs_m, start_n, offs_d, mask_d, ln_w,
-                                              ln_b, eps, zero, N, WINDOW, HALF, HAS_LN, HAS_PAD, CAUSAL, HEAD_DIM,
-                                              IS_FP64, PRECISION, BLOCK_N)
-            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            ds = p * (_dot(do, tl.trans(v), IS_FP64, PRECISION) - delta[:, None])
-            dq += _dot(ds.to(q.dtype), k, IS_FP64, PRECISION)
-
+    _, _, dq = _visit_keys(  # dq: [BLOCK_M, BLOCK_D], from zeros
+        q, do, lse, delta, lse, delta, tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero, qk_scale, eps, zero, K, V,
+        KG, VG, GVIS, PAD, LNW, LNB, off_b, off_h, H, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+        stride_vn, stride_padb, stride_lnh, offs_m, start_m, last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK,
+        RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HAS_LN, HEAD_DIM, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=True)
     dq = dq * scale
     dq_ptrs = DQ + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

@@ -19,6 +19,17 @@ def _tile(start, BLOCK: tl.constexpr, limit):
 
 
 @triton.jit
+def _query_block(N, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A program over (query block, head, batch): off_b, off_h (int64), the block's first query start_m, its
+    queries offs_m with mask_m (inside N), the head-dim columns offs_d with mask_d, and its last real query."""
+    off_b, off_h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m, mask_m = _tile(start_m, BLOCK_M, N)
+    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    return off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, tl.minimum(start_m + BLOCK_M, N) - 1
+
+
+@triton.jit
 def _batch_head(pid_bh, H):
     """(off_b, off_h), int64, of a program over the B * H sequences."""
     return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)

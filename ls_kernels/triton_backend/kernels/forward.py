@@ -5,8 +5,8 @@ probabilities for them)."""
 import triton
 import triton.language as tl
 
-from .common import _load_ln, _load_rows, _load_scalars, _softmax_step, _tile
-from .visibility import _projected_range, _projected_scores, _window_range, _window_scores
+from .common import _load_rows, _load_scalars, _query_block
+from .visibility import _visit_keys
 
 
 @triton.jit
@@ -31,37 +31,19 @@ def _ls_fwd_kernel(
     STORE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    off_b, off_h = tl.program_id(2).to(tl.int64), tl.program_id(1).to(tl.int64)
-    start_m = tl.program_id(0) * BLOCK_M
-    offs_m, mask_m = _tile(start_m, BLOCK_M, N)
-    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
     qk_scale, eps, zero, scale = _load_scalars(SCALARS)
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32) + zero
     l_i = tl.zeros([BLOCK_M], tl.float32) + zero
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
-    last_m = tl.minimum(start_m + BLOCK_M, N) - 1  # last real query of the block
 
-    if HAS_GLOBAL:
-        g_hi = _projected_range(last_m, NG, CHUNK, RANK, CAUSAL)
-        for start_g in range(0, g_hi, BLOCK_G):
-            kg, vg, visible, s = _projected_scores(q, qk_scale, KG, VG, GVIS, (off_b * H + off_h) * NG, off_b * NG,
-                                                   offs_m, start_g, g_hi, offs_d, mask_d, CHUNK, RANK, CAUSAL,
-                                                   HEAD_DIM, IS_FP64, PRECISION, BLOCK_G)
-            m_i, l_i, acc = _softmax_step(s, visible, vg, m_i, l_i, acc, IS_FP64, PRECISION)
-
-    if HAS_LOCAL:
-        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
-        lo, hi = _window_range(start_m, last_m, N, WINDOW, HALF, BLOCK_N, CAUSAL)
-        for start_n in range(lo, hi, BLOCK_N):
-            k, v, visible, s = _window_scores(q, qk_scale, K + off_b * stride_kb + off_h * stride_kh,
-                                              V + off_b * stride_vb + off_h * stride_vh, stride_kn, stride_vn,
-                                              PAD + off_b * stride_padb, offs_m, start_n, offs_d, mask_d, ln_w,
-                                              ln_b, eps, zero, N, WINDOW, HALF, HAS_LN, HAS_PAD, CAUSAL, HEAD_DIM,
-                                              IS_FP64, PRECISION, BLOCK_N)
-            m_i, l_i, acc = _softmax_step(s, visible, v, m_i, l_i, acc, IS_FP64, PRECISION)
-
+    m_i, l_i, acc = _visit_keys(
+        q, q, m_i, m_i, m_i, l_i, acc, qk_scale, eps, zero, K, V, KG, VG, GVIS, PAD, LNW, LNB, off_b, off_h, H,
+        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, stride_lnh, offs_m, start_m,
+        last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HAS_LN,
+        HEAD_DIM, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=False)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     l_safe = tl.where(seen, l_i, 1.0)
