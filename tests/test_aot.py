@@ -50,3 +50,22 @@ def test_fp64_kernels_compile_for_gpus():
     """Triton has no fp64 tl.dot on GPUs: the fp64 path (gradcheck on a GPU) must avoid it and compile."""
     rows = _report("--dtypes", "fp64", "--dims", "16", "--archs", "90")
     assert {r["kernel"] for r in rows} == KERNELS
+
+
+def test_kernel_model_reads_the_compiled_loops(tmp_path):
+    """bench/kernel_model.py finds each kernel's loops in its SASS: the plain FlashAttention-style forward has
+    one, with the tile's tensor-core instructions (64x64x64 fp16 on sm_90a: 8 HGMMA) and its exp2s on the MUFU;
+    the long-short forward has its projected and window loops; --dump writes the SASS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_model.py"), "--dtypes", "fp16",
+                          "--dims", "64", "--json", "--dump", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["kernel"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+    plain = rows["_plain_fwd_kernel"]["loops"]
+    assert len(plain) == 1 and plain[0]["tensor"] == 8 and plain[0]["mufu"] > 0
+    for mode in ("bidir", "causal"):
+        fwd = rows[f"_ls_fwd_kernel[{mode}]"]["loops"]
+        assert len(fwd) == 2 and all(x["tensor"] > 0 for x in fwd)
+    assert all(r["spills"] == 0 and r["ctas_per_sm"] >= 1 for r in rows.values())
+    assert (tmp_path / "_ls_fwd_kernel[causal]_sm_90a_fp16_D64.sass").read_text().count("HGMMA") > 0
