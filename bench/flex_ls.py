@@ -2,7 +2,7 @@
 
 Keys and values are [LN_L(k) ; Kg] and [LN_L(v) ; Vg], KV length N + G, where Kg, Vg
 are the projected keys and values (G = r bidirectional, (N // chunk) * r causal). A
-mask_mod gives each query its window (SPEC.md) and the projected vectors it may see
+mask_mod gives each query its window (README, "What it computes") and the projected vectors it may see
 (causal: vector j of chunk j // r is visible to query t iff j // r < t // chunk).
 LN_L and the projection run in plain PyTorch; only flex_attention is compiled, with
 dynamic shapes, so that inductor's on-disk cache serves every N and batch size after the

@@ -26,8 +26,8 @@ class LongShortAttention(nn.Module):
     h*r .. h*r + r - 1); each query attends, under one softmax, to its local window
     (``window``) and to the r projected keys and values of the whole sequence
     (bidirectional) or of every chunk of ``chunk`` positions before its own (causal);
-    the heads are merged and mapped by the output Linear. See SPEC.md for the exact
-    windows, chunks and padding rules.
+    the heads are merged and mapped by the output Linear. The README ("What it computes")
+    states the exact windows, chunks and padding rules.
 
     Args:
         embed_dim: E, the model dim; divisible by ``num_heads``.
@@ -47,7 +47,7 @@ class LongShortAttention(nn.Module):
             - ``"model"``: LayerNorm(E) on the keys and values before the head split and on
               the merged projected keys and values, as the official code does; the layer
               composes ``dynamic_projection`` and ``ls_attention_projected`` for that
-              (``ls_kernels.projected``), still with the fused attention kernels.
+              (see ``ls_kernels.api``), still with the fused attention kernels.
             - ``None``: no normalisation.
         project_after_ln: what the dynamic projection reads: the LN_L-normalised keys and
             values (True) or the raw ones (False). None = the official default for the
@@ -139,7 +139,7 @@ class LongShortAttention(nn.Module):
                       backend=self.backend)
 
         if self.dual_ln == "model" or p > 0:
-            # the pieces of ls_kernels.projected: LN_L, projection and LN_G here, then the attention
+            # the pieces of ls_kernels.api: LN_L, projection and LN_G here, then the attention
             if self.dual_ln == "model":
                 k_loc, v_loc = heads(self._ln_model(k, "ln_local")), heads(self._ln_model(v, "ln_local"))
             else:  # per head (or none), statistics in fp32

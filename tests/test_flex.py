@@ -54,7 +54,7 @@ def test_flex_compiled_matches_ls_attention():
 
 
 def test_mask_mod_visibility():
-    """mask_mod against SPEC.md's rules at a few (query, key) pairs: key index >= N is projected vector N - key."""
+    """mask_mod against the README's rules at a few (query, key) pairs: key index >= N is projected vector N - key."""
     N, w, chunk, r = 32, 8, 4, 2
     t = lambda x: torch.tensor(x)  # noqa: E731
     causal = ls_mask_mod(N, w, True, chunk, r)

@@ -24,7 +24,7 @@ def _masked_softmax(x, visible, dim):
 
 
 def _dense_projected(q, k, v, kg, vg, *, window, causal, chunk, rank, pad):
-    """Dense statement of attention over window keys and given projected keys (SPEC.md), fp64."""
+    """Dense statement of attention over window keys and given projected keys (README, "What it computes"), fp64."""
     B, _, N, _ = q.shape
     t = torch.arange(N)[:, None]
     local = window_mask(N, window, causal)[None, None] & ~pad[:, None, None, :]
