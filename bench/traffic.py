@@ -5,8 +5,10 @@ through, by wrapping the interpreter's masked load and store; kernels launch wit
 they use on a GPU (not the interpreter's). Compared with the minimum: the forward reads q, k, v,
 proj once and writes o once; the backward reads q, k, v, proj, dO once and writes dq, dk, dv,
 dproj once. Loads are counted as issued, so a re-read that a GPU's L2 would serve counts too:
-an upper bound on DRAM traffic at these tiles. PyTorch glue between the kernels (rowsum(dO * O),
-the LN_G backward on the small projected tensors, sums of per-block partials) is not counted.
+an upper bound on DRAM traffic at these tiles. The PyTorch glue between the kernels (rowsum(dO * O),
+zero-filled buffers, casts, the LN_G backward on the small projected tensors, sums of per-block partials)
+is counted apart, by a TorchDispatchMode: the bytes every aten op outside the kernels reads and writes
+(views and allocations move nothing).
 
     python bench/traffic.py [--seqlen 2048] [--dtype fp16] [--preset charlm lra]
 """
@@ -18,6 +20,8 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
 import torch  # noqa: E402
 import triton.runtime.interpreter as interp  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from ls_kernels import triton_backend  # noqa: E402
 from ls_kernels.config import LSConfig, default_scale  # noqa: E402
@@ -28,7 +32,22 @@ PRESETS = {  # as bench/sweep.py
 }
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 COUNT = collections.Counter()  # kernel name -> bytes
+GLUE = "glue"  # COUNT's key for the PyTorch ops between the kernels
 _kernel = ["?"]
+_in_kernel = [False]
+_ALLOCATIONS = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided}
+
+
+class _CountGlue(TorchDispatchMode):
+    """Bytes read and written by the aten ops that run outside the kernels."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not _in_kernel[0] and not func.is_view and func.overloadpacket not in _ALLOCATIONS:
+            COUNT[GLUE] += sum(x.numel() * x.element_size() for x in tree_leaves((args, kwargs, out))
+                               if isinstance(x, torch.Tensor))
+        return out
 
 
 def _count_loads_and_stores():
@@ -45,7 +64,11 @@ def _count_loads_and_stores():
 
     def launch(self, *args, **kwargs):
         _kernel[0] = self.fn.__name__
-        return call(self, *args, **kwargs)
+        _in_kernel[0] = True  # the interpreter's own tensor copies are not glue
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _in_kernel[0] = False
 
     builder.create_masked_load, builder.create_masked_store, grid.__call__ = masked_load, masked_store, launch
 
@@ -55,7 +78,7 @@ def nbytes(*xs):
 
 
 def measure(preset, N, dtype, batch=1):
-    """{pass: (per-kernel bytes, minimum bytes)} for one forward and one backward."""
+    """{pass: (per-kernel bytes with the glue's under GLUE, minimum bytes)} for one forward and one backward."""
     c = PRESETS[preset]
     g = torch.Generator().manual_seed(0)
     H, D = c["heads"], c["dim"]
@@ -66,13 +89,15 @@ def measure(preset, N, dtype, batch=1):
                            scale=default_scale(D), project_after_ln=c["project_after_ln"]),
               proj=proj, ln_local=ln(), ln_global=ln(), gpu_tiles=True)
     COUNT.clear()
-    out, _, _, _ = triton_backend.forward(q, k, v, **kw)  # inference: no fp32 copy of O
+    with _CountGlue():
+        out, _, _, _ = triton_backend.forward(q, k, v, **kw)  # inference: no fp32 copy of O
     fwd = dict(COUNT)
     out, o_acc, lse, projected = triton_backend.forward(q, k, v, store_acc=True, **kw)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     COUNT.clear()
-    grads = triton_backend.backward(dout, q, k, v, o=o_acc if o_acc is not None else out, lse=lse,
-                                    projected=projected, **kw)
+    with _CountGlue():
+        grads = triton_backend.backward(dout, q, k, v, o=o_acc if o_acc is not None else out, lse=lse,
+                                        projected=projected, **kw)
     bwd = dict(COUNT)
     return {"forward": (fwd, nbytes(q, k, v, proj, out)),
             "backward": (bwd, nbytes(q, k, v, proj, dout, grads.q, grads.k, grads.v, grads.proj))}
@@ -90,13 +115,14 @@ def main(argv=None):
     rows = []
     for preset in a.preset:
         for phase, (kernels, minimum) in measure(preset, a.seqlen, DTYPES[a.dtype]).items():
+            glue = kernels.pop(GLUE, 0)
             total = sum(kernels.values())
             detail = ", ".join(f"{k.strip('_')} {v / a.seqlen:.0f}" for k, v in kernels.items())
             rows.append(f"| {preset} | {phase} | {total / a.seqlen:.0f} | {minimum / a.seqlen:.0f} | "
-                        f"{total / minimum:.2f} | {detail} |")
+                        f"{total / minimum:.2f} | {detail} | {glue / a.seqlen:.0f} | {glue / minimum:.2f} |")
     print(f"Bytes per token, N = {a.seqlen}, batch 1, {a.dtype}, GPU tile sizes, Triton interpreter\n")
-    print("| preset | pass | kernels' loads + stores | minimum | ratio | per kernel |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | pass | kernels' loads + stores | minimum | ratio | per kernel | PyTorch glue | glue / minimum |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 
