@@ -21,7 +21,7 @@ flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, with a
 place. Elsewhere (CUDA: the unfused baseline; fp16/bf16; dropout) the scores are
 materialized by matmuls; ``Options(fused_cpu=False)`` uses that path on CPU too.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +127,8 @@ def _partial(q, k, v, visible, scale, opts):
     output [..., M, D] (0 there), in the accumulation dtype; with dropout, the output sums
     the kept probabilities, rescaled, over the normaliser of them all.
     """
-    # the fused kernel divides by zero on empty inputs, and gives rows whose every score is -inf (an
-    # infinite key) lse = 0 instead of -inf
-    if _fused(q, opts) and q.numel() > 0 and k.shape[-2] > 0 and all_finite(k):
+    # the fused kernel divides by zero on empty inputs (and needs finite keys: ``attention`` turns it off)
+    if _fused(q, opts) and q.numel() > 0 and k.shape[-2] > 0:
         return _partial_fused(q, k, v, visible, scale)
     acc = acc_dtype(q.dtype)
     # fp16/bf16 products accumulate in fp32, as in the kernels: fp16 scores or sums of p @ v can overflow
@@ -318,6 +317,9 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
     elif kg is not None:
         seen = projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal, chunk=cfg.chunk, device=q.device)
         kg, vg = (x if all_finite(x) else x.masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
+    if _fused(q, opts) and not (all_finite(k_loc) and (kg is None or all_finite(kg))):
+        # the fused kernel gives rows whose every score is -inf (an infinite key) lse = 0 instead of -inf
+        opts = replace(opts, fused_cpu=False)
     parts = []
     if kg is not None and kg.shape[2] > 0:
         kg, vg = kg.to(q.dtype), vg.to(q.dtype)
