@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from .config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, default_scale
+from .config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
@@ -129,8 +129,7 @@ def use_triton(q, backend):
 
 def check_attention(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global, project_after_ln,
                     key_padding_mask, scale, eps, backend):
-    """Validate the arguments of ``ls_attention``; returns (its LSConfig, whether Triton runs it).
-    A window longer than the sequence is the whole sequence: window = min(window, N)."""
+    """Validate the arguments of ``ls_attention``; returns (its LSConfig, whether Triton runs it)."""
     _check_qkv(q, k, v)
     B, H, N, D = q.shape
     if proj is not None:
@@ -148,7 +147,7 @@ def check_attention(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
     _check_backend(backend)
-    cfg = LSConfig(window=min(window, N) if N > 0 else window, causal=causal, chunk=chunk,
+    cfg = LSConfig(window=clamp_window(window, N), causal=causal, chunk=chunk,
                    rank=proj.shape[-1] if proj is not None else 0,
                    scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
                    project_after_ln=bool(project_after_ln))
@@ -178,7 +177,7 @@ def check_projected_attention(q, k, v, k_proj, v_proj, *, window, causal, chunk,
         raise ValueError(f"dropout_p = {dropout_p} needs the blocked PyTorch path: the Triton kernels have no "
                          "dropout on the attention probabilities; use backend='torch', or dropout_p=0 "
                          "(e.g. the module in eval mode)")
-    cfg = LSConfig(window=min(window, max(N, 1)), causal=causal, chunk=chunk, rank=rank,
+    cfg = LSConfig(window=clamp_window(window, N), causal=causal, chunk=chunk, rank=rank,
                    scale=default_scale(D) if scale is None else float(scale))
     _check_scores_fit(cfg.scale, q, lambda: [_max_row_norm(k)] + ([_max_row_norm(k_proj)] if k_proj is not None else []))
     return cfg, triton

@@ -48,6 +48,11 @@ def half_width(window):
     return max(window // 2, 1)
 
 
+def clamp_window(window, N):
+    """Every window of N or more positions sees the whole sequence: it acts as window = N (at least 1)."""
+    return min(window, max(N, 1))
+
+
 def default_scale(D):
     return 1.0 / math.sqrt(D)
 
