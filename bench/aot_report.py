@@ -32,6 +32,7 @@ from ls_kernels.triton_backend import projection as prj  # noqa: E402
 from ls_kernels.triton_backend.args import block_d  # noqa: E402
 from ls_kernels.triton_backend.kernels import backward as bwd_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import forward as fwd_kernels  # noqa: E402
+from ls_kernels.triton_backend.kernels import prepass as prepass_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import projection as prj_kernels  # noqa: E402
 
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -42,56 +43,64 @@ def _acc(dtype):
     return "fp64" if dtype == torch.float64 else "fp32"
 
 
-def kernel_specs(dtype, D):
-    """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs."""
+def kernel_specs(dtype, D, pad=True):
+    """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs,
+    with padding (pad) or without."""
     t, acc = TL_TYPES[dtype], _acc(dtype)
     fp64 = dtype == torch.float64
     BLOCK_D = block_d(D)
     specs = []
     BLOCK_M, BLOCK_N, warps, stages = launch.fwd_config(D, dtype, gpu_tiles=True)
     bwd = launch.bwd_config(D, dtype, gpu_tiles=True)
+    rows = launch.ROWS_PER_PROGRAM
+    types = {"K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "KN": t, "VN": t}
+    const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_N=rows, BLOCK_D=BLOCK_D)
+    specs.append(("_ln_local_kernel", prepass_kernels._ln_local_kernel, types, const, 4, 1))
+    types = {"O": acc, "DO": t, "PAD": "i8", "DELTA": acc}
+    const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_M=rows, BLOCK_D=BLOCK_D)
+    specs.append(("_ls_bwd_delta_kernel", bwd_kernels._ls_bwd_delta_kernel, types, const, 4, 1))
     for causal in (False, True):
         mode = "causal" if causal else "bidir"
-        flags = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=fp64, PRECISION="ieee", BLOCK_D=BLOCK_D)
-        types = {"Q": t, "K": t, "V": t, "O": t, "O_ACC": acc, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8",
-                 "LNW": acc, "LNB": acc, "SCALARS": acc, "LSE": acc}
-        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True, STORE_ACC=True,
+        flags = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=fp64, PRECISION="ieee", BLOCK_D=BLOCK_D, HAS_PAD=pad)
+        types = {"Q": t, "K": t, "V": t, "O": t, "O_ACC": acc, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8",
+                 "SCALARS": acc, "LSE": acc}
+        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, STORE_ACC=True,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_N)
         specs.append((f"_ls_fwd_kernel[{mode}]", fwd_kernels._ls_fwd_kernel, types, const, warps, stages))
 
         bm, bn, w, st = bwd["dq"]
-        types = {"Q": t, "K": t, "V": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "LNW": acc, "LNB": acc,
-                 "SCALARS": acc, "DO": t, "LSE": acc, "DELTA": acc, "DQ": t}
-        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, HAS_PAD=True, HAS_LN=True,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bn)
+        types = {"Q": t, "K": t, "V": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t,
+                 "LSE": acc, "DELTA": acc, "DQ": t}
+        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dq_kernel[{mode}]", bwd_kernels._ls_bwd_dq_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv"]
         types = {"Q": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "DO": t, "LSE": acc,
-                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "DLNW_PART": acc, "DLNB_PART": acc}
-        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_PAD=True, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
+                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "KN": t, "VN": t,
+                 "DLNW_PART": acc, "DLNB_PART": acc}
+        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
         specs.append((f"_ls_bwd_dkv_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv_global"]
-        types = {"Q": t, "KG": acc, "VG": acc, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
+        types = {"Q": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
                  "DELTA": acc, "DKG_PART": acc, "DVG_PART": acc}
-        const = dict(flags, HAS_PAD=True, BLOCK_M=bm, BLOCK_G=bn)
+        const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
 
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
              "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
-    const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+    const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
     specs.append(("_proj_partial_kernel", prj_kernels._proj_partial_kernel, types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
-             "SCALARS": acc, "KG": acc, "VG": acc, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
+             "SCALARS": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
     specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
         bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
-        const = dict(flags, HAS_PAD=True, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
+        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
     return specs
 

@@ -214,7 +214,8 @@ def _(q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, key_padding_mask, window, causa
     NG = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps).num_projected(N)
     new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
     o_acc = new(B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else new(0)
-    return (q.new_empty(q.shape), o_acc, new(B, H, N), new(B, H, NG, D), new(B, H, NG, D), new(B, H, NG, D),
+    projected_kv = q.new_empty((B, H, NG, D), dtype=triton_backend.kernel_dtype(q.dtype))  # kg, vg
+    return (q.new_empty(q.shape), o_acc, new(B, H, N), projected_kv, projected_kv.clone(), new(B, H, NG, D),
             new(B, H, NG, D), new(B, H, NG))
 
 

@@ -3,7 +3,13 @@ absent optional tensor, padding as int8, projected-vector visibility, strides an
 import torch
 
 from ..common import projected_visibility
-from ..config import LOG2E, acc_dtype
+from ..config import INTERPRET, LOG2E, acc_dtype
+
+
+def kernel_dtype(dtype):
+    """The dtype the kernels compute q, k, v in: the input's, but fp32 for bf16 in the interpreter, whose bf16
+    arithmetic is wrong (compiled kernels compute bf16 natively)."""
+    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
 
 
 def next_pow2(x):

@@ -1,5 +1,6 @@
-"""Launchers of the attention kernels: default tiles, the forward (projection pre-pass, then the fused kernel)
-and the backward (dQ, dKg/dVg, LN_G, projection backward, window dK/dV). Deterministic: no atomics.
+"""Launchers of the attention kernels: default tiles, the forward (projection and LN_L pre-passes, then the
+fused kernel) and the backward (delta, dKg/dVg, LN_G, projection backward, window dK/dV, dQ). Deterministic:
+no atomics.
 
 ``forward`` and ``backward`` serve both entry points: ``ls_attention`` (the projection computed here from
 ``proj``, with LN_L and LN_G) and ``ls_attention_projected`` (projected keys and values given, no LN).
@@ -9,17 +10,21 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ..common import layer_norm
 from ..config import HALF_DTYPES, INTERPRET, LSConfig
-from .args import absent, bhn_strides, block_d, block_g, gvis_int8, ln_params, make_scalars, pad_int8
-from .kernels.backward import _ls_bwd_dkv_global_kernel, _ls_bwd_dkv_kernel, _ls_bwd_dq_kernel
+from .args import (absent, bhn_strides, block_d, block_g, gvis_int8, kernel_dtype, ln_params, make_scalars,
+                   pad_int8)
+from .kernels.backward import (_ls_bwd_delta_kernel, _ls_bwd_dkv_global_combine_kernel, _ls_bwd_dkv_global_kernel,
+                               _ls_bwd_dkv_kernel, _ls_bwd_dq_kernel)
 from .kernels.forward import _ls_fwd_kernel
+from .kernels.prepass import _ln_local_kernel
 from .projection import Projected, projection_backward, projection_forward
 
 # in the interpreter every tile step costs milliseconds: small tiles there, the GPU's elsewhere
 GPU_TILES = not INTERPRET
-# the dKg/dVg kernel splits the queries over about this many programs (bidirectional)
+# the dKg/dVg kernel splits the queries over about this many programs
 _DKV_GLOBAL_PROGRAMS = 512
+# rows per program of the row-wise pre-passes (LN_L, delta)
+ROWS_PER_PROGRAM = 64
 # dK/dV kernel: what the projection's gradients of what it read (dk_src, dv_src) are added to
 SRC_NONE, SRC_AFTER_LN, SRC_BEFORE_LN = 0, 1, 2
 
@@ -80,13 +85,8 @@ class Grads(NamedTuple):
 
 
 def _kernel_tensors(*xs):
-    """q, k, v (and dO) as the kernels read them: unit last stride; in fp32 for bf16 in the interpreter, whose
-    bf16 arithmetic is wrong (compiled kernels compute bf16 natively)."""
-    out = []
-    for x in xs:
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        out.append(x.float() if INTERPRET and x.dtype == torch.bfloat16 else x)
-    return out
+    """q, k, v (and dO) as the kernels read them: unit last stride, in kernel_dtype."""
+    return [(x if x.stride(-1) == 1 else x.contiguous()).to(kernel_dtype(x.dtype)) for x in xs]
 
 
 def _kernel_proj(proj, acc):
@@ -98,13 +98,31 @@ def _kernel_proj(proj, acc):
 
 
 def _given(kg, vg, acc, like):
-    """Projected keys and values given by the caller (or none: window only) as a Projected."""
+    """Projected keys and values given by the caller (or none: window only) as a Projected: kg, vg in like's
+    dtype, rounded through the accumulation dtype as the kernels always read them."""
     B, H, _, D = like.shape
     none = like.new_empty(B, H, 0, D, dtype=acc)
     if kg is None:
-        return Projected(none, none, none, none, like.new_empty(B, H, 0, dtype=acc))
-    kg, vg = kg.to(acc).contiguous(), vg.to(acc).contiguous()
+        return Projected(none.to(like.dtype), none.to(like.dtype), none, none, like.new_empty(B, H, 0, dtype=acc))
+    kg, vg = (x.to(acc).to(like.dtype).contiguous() for x in (kg, vg))
     return Projected(kg, vg, none, none, like.new_empty(B, H, 0, dtype=acc))
+
+
+def _local_keys(k, v, *, cfg, ln_local, pad8, stride_pad, scalars):
+    """The window keys and values as the attention kernels read them: LN_L(k), LN_L(v) in k's dtype, written
+    once by _ln_local_kernel, or k, v themselves without LN_L (or without a window)."""
+    if ln_local is None or cfg.window == 0:
+        return k, v
+    B, H, N, D = k.shape
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, k.device)
+    kn = torch.empty(B, H, N, D, dtype=k.dtype, device=k.device)
+    vn = torch.empty_like(kn)
+    _ln_local_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), B * H)](
+        k, v, pad8 if pad8 is not None else absent(k.device), lnw, lnb, scalars, kn, vn,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_pad, stride_lnh,
+        H, N, HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_N=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
+    )
+    return kn, vn
 
 
 def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
@@ -135,19 +153,19 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
         projected = _given(kg, vg, acc, q)
     NG, rank = projected.kg.shape[2], max(cfg.rank, 1)
     gvis = gvis_int8(pad, B, N, rank, cfg.causal, cfg.chunk, NG, device)
-    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, device)
+    kw, vw = _local_keys(k, v, cfg=cfg, ln_local=ln_local, pad8=pad8, stride_pad=stride_pad, scalars=scalars)
     tiles = fwd_config(D, q.dtype, gpu_tiles)
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     keep_acc = store_acc and dtype in HALF_DTYPES
     o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if keep_acc else out
     lse = torch.empty(B, H, N, dtype=acc, device=device)
     _ls_fwd_kernel[(triton.cdiv(N, tiles.block_m), H, B)](
-        q, k, v, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), lnw, lnb, scalars,
+        q, kw, vw, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), scalars,
         out, o_acc, lse,
-        *bhn_strides(q, k, v, out), stride_pad, stride_lnh,
+        *bhn_strides(q, kw, vw, out), stride_pad,
         H, N, NG, cfg.window, cfg.half_width, cfg.chunk, rank,
         HEAD_DIM=D, CAUSAL=cfg.causal, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
-        HAS_LN=ln_local is not None, IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_ACC=keep_acc,
+        IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_ACC=keep_acc,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), BLOCK_D=block_d(D),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -161,34 +179,50 @@ def _common(q, cfg, tiles):
                 num_stages=tiles.num_stages)
 
 
-def _dq(q, k, v, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, ln_local, scalars, tiles):
-    """dQ (q's dtype) by _ls_bwd_dq_kernel."""
+def _delta(o, do, *, pad8, stride_pad, acc):
+    """rowsum(dO * O) (B, H, N) in the accumulation dtype, 0 at padded queries whatever dO holds there."""
+    B, H, N, D = do.shape
+    delta = torch.empty(B, H, N, dtype=acc, device=do.device)
+    _ls_bwd_delta_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), H, B)](
+        o.contiguous(), do, pad8 if pad8 is not None else absent(do.device), delta,
+        do.stride(0), do.stride(1), do.stride(2), stride_pad, H, N,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
+    )
+    return delta
+
+
+def _dq(q, kw, vw, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, scalars, tiles):
+    """dQ (q's dtype) by _ls_bwd_dq_kernel; kw, vw: the window keys and values as the forward read them."""
     B, H, N, D = q.shape
     NG = projected.kg.shape[2]
-    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, q.device)
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     _ls_bwd_dq_kernel[(triton.cdiv(N, tiles.block_m), H, B)](
-        q, k, v, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device), lnw, lnb,
+        q, kw, vw, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device),
         scalars, do, lse, delta, dq,
-        *bhn_strides(q, k, v, do), stride_pad, stride_lnh,
+        *bhn_strides(q, kw, vw, do), stride_pad,
         H, N, NG, cfg.window, cfg.half_width, cfg.chunk, max(cfg.rank, 1),
-        HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
         BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), **_common(q, cfg, tiles),
     )
     return dq
 
 
-def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, scalars, tiles):
-    """Gradients of the projected kg, vg (B, H, NG, D, accumulation dtype): per-split partials of
-    _ls_bwd_dkv_global_kernel summed in a fixed order (deterministic)."""
+def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, scalars, ln_global, tiles):
+    """Gradients of the projected vectors before LN_G (of kg, vg themselves without it), (B, H, NG, D) in the
+    accumulation dtype: per-split partials of _ls_bwd_dkv_global_kernel (each split holds at most split_len
+    queries, counted from the first query that sees the block of vectors, so that programs are even), summed
+    in a fixed order (deterministic) by _ls_bwd_dkv_global_combine_kernel with the LN_G backward. Returns
+    (dk_raw, dv_raw, col_dot (B, H, NG): k_raw . dk_raw + v_raw . dv_raw when the projection ran here,
+    dln_global weight, bias)."""
     B, H, N, D = q.shape
     NG = projected.kg.shape[2]
+    acc = scalars.dtype
     BLOCK_G = block_g(NG, tiles.block_n)
     n_gblk = triton.cdiv(NG, BLOCK_G)
-    n_split = 1 if cfg.causal else max(1, min(triton.cdiv(N, tiles.block_m), _DKV_GLOBAL_PROGRAMS // (B * H * n_gblk)))
+    n_split = max(1, min(triton.cdiv(N, tiles.block_m), _DKV_GLOBAL_PROGRAMS // (B * H * n_gblk)))
     split_len = triton.cdiv(triton.cdiv(N, n_split), tiles.block_m) * tiles.block_m
     n_split = triton.cdiv(N, split_len)
-    dkg_part = torch.empty(n_split, B, H, NG, D, dtype=scalars.dtype, device=q.device)
+    dkg_part = torch.empty(n_split, B, H, NG, D, dtype=acc, device=q.device)
     dvg_part = torch.empty_like(dkg_part)
     _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
         q, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device), scalars, do, lse,
@@ -197,43 +231,54 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
         H, N, NG, cfg.chunk, max(cfg.rank, 1), split_len,
         HAS_PAD=pad8 is not None, BLOCK_G=BLOCK_G, **_common(q, cfg, tiles),
     )
-    return dkg_part.sum(0), dvg_part.sum(0)  # fixed-order reduction over the splits
+    has_col_dot = projected.k_raw.shape[2] == NG  # the projection ran here: its backward follows
+    lnw, _, stride_lnh = ln_params(ln_global, H, D, acc, q.device)
+    dk_raw = torch.empty(B, H, NG, D, dtype=acc, device=q.device)
+    dv_raw = torch.empty_like(dk_raw)
+    col_dot = torch.empty(B, H, NG, dtype=acc, device=q.device) if has_col_dot else absent(q.device)
+    dlnw_part = torch.empty(B, H, n_gblk, D, dtype=acc, device=q.device) if ln_global is not None else None
+    dlnb_part = torch.empty_like(dlnw_part) if ln_global is not None else None
+    _ls_bwd_dkv_global_combine_kernel[(n_gblk, B * H)](
+        dkg_part, dvg_part, projected.k_raw if has_col_dot else absent(q.device),
+        projected.v_raw if has_col_dot else absent(q.device), lnw, scalars, dk_raw, dv_raw, col_dot,
+        dlnw_part if dlnw_part is not None else absent(q.device),
+        dlnb_part if dlnb_part is not None else absent(q.device),
+        n_split, NG, stride_lnh, H,
+        HEAD_DIM=D, HAS_LN=ln_global is not None, HAS_COL_DOT=has_col_dot, BLOCK_G=BLOCK_G, BLOCK_D=block_d(D),
+        num_warps=4,
+    )
+    if ln_global is None:
+        return dk_raw, dv_raw, col_dot, None, None
+    dims = (0, 2) if ln_global[0].dim() == 2 else (0, 1, 2)
+    return dk_raw, dv_raw, col_dot, dlnw_part.sum(dims), dlnb_part.sum(dims)
 
 
-def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, scalars, dk_src, dv_src, src_mode, tiles):
+def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, scalars, dk_src, dv_src, src_mode, src_len,
+         tiles):
     """Window dK, dV (k's dtype) by _ls_bwd_dkv_kernel, with the LN_L backward and the projection's gradients
-    dk_src, dv_src added (src_mode); also the per-block LN_L weight and bias gradient partials
-    (B, H, n_kblk, D)."""
+    dk_src, dv_src (below src_len) added (src_mode). Returns dk, dv, the window keys and values as the forward
+    read them (LN_L(k), LN_L(v) written by the kernel, or k, v) and the per-block LN_L weight and bias gradient
+    partials (B, H, n_kblk, D)."""
     B, H, N, D = q.shape
     acc = scalars.dtype
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, q.device)
     n_kblk = triton.cdiv(N, tiles.block_n)  # programs own BLOCK_N keys, visit BLOCK_M queries at a time
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)  # contiguous: the kernel indexes it so
     dv = torch.empty_like(dk)
+    writes_ln = ln_local is not None and cfg.window > 0
+    kn, vn = (torch.empty_like(dk), torch.empty_like(dk)) if writes_ln else (k, v)
     dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=q.device)
     dlnb_part = torch.empty_like(dlnw_part)
     _ls_bwd_dkv_kernel[(n_kblk, H, B)](
         q, k, v, pad8 if pad8 is not None else absent(q.device), lnw, lnb, scalars, do, lse, delta,
         dk_src if dk_src is not None else absent(q.device), dv_src if dv_src is not None else absent(q.device),
-        dk, dv, dlnw_part, dlnb_part,
+        dk, dv, kn, vn, dlnw_part, dlnb_part,
         *bhn_strides(q, k, v, do), stride_pad, stride_lnh,
-        H, N, cfg.window, cfg.half_width,
+        H, N, cfg.window, cfg.half_width, src_len,
         HAS_LOCAL=cfg.window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
         BLOCK_N=tiles.block_n, **_common(q, cfg, tiles),
     )
-    return dk, dv, dlnw_part, dlnb_part
-
-
-def _ln_global_backward(projected, ln_global, dkg, dvg, eps):
-    """(dk_raw, dv_raw, dweight, dbias) through LN_G on the small (B, H, NG, D) tensors, by autograd."""
-    if ln_global is None:
-        return dkg, dvg, None, None
-    acc = projected.k_raw.dtype
-    with torch.enable_grad():
-        leaves = [x.detach().to(acc).requires_grad_() for x in (projected.k_raw, projected.v_raw, *ln_global)]
-        ln = (leaves[2], leaves[3])
-        outs = (layer_norm(leaves[0], ln, eps), layer_norm(leaves[1], ln, eps))
-        return torch.autograd.grad(outs, leaves, (dkg, dvg))
+    return dk, dv, kn, vn, dlnw_part, dlnb_part
 
 
 def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, proj=None, kg=None, vg=None, ln_local=None,
@@ -248,34 +293,36 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, proj=None, k
     if projected is None:
         projected = _given(kg, vg, acc, q)
     pad8, stride_pad = pad_int8(pad)
-    delta = (do.to(acc) * o.to(acc)).sum(-1)  # (B, H, N): rowsum(dO * O), 0 at padded queries whatever dO holds
-    delta = (delta if pad is None else delta.masked_fill(pad[:, None, :], 0.0)).contiguous()
+    delta = _delta(o, do, pad8=pad8, stride_pad=stride_pad, acc=acc)
     NG = projected.kg.shape[2]
     gvis = gvis_int8(pad, B, N, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device)
     tiles = bwd_config(D, q.dtype, gpu_tiles)
     where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, scalars=scalars)
-    dq = _dq(q, k, v, do, lse, delta, projected=projected, gvis=gvis, ln_local=ln_local, tiles=tiles["dq"], **where)
 
     grads = {}
     dk_src = dv_src = None
+    src_len = 0
     if NG > 0:
-        dkg, dvg = _dkv_global(q, do, lse, delta, projected=projected, gvis=gvis, tiles=tiles["dkv_global"], **where)
+        dk_raw, dv_raw, col_dot, dlng_w, dlng_b = _dkv_global(
+            q, do, lse, delta, projected=projected, gvis=gvis, ln_global=ln_global if proj is not None else None,
+            tiles=tiles["dkv_global"], **where)
         if proj is None:
-            grads.update(kg=dkg, vg=dvg)
+            grads.update(kg=dk_raw, vg=dv_raw)
         else:
-            dk_raw, dv_raw, grads["ln_global_weight"], grads["ln_global_bias"] = _ln_global_backward(
-                projected, ln_global, dkg, dvg, cfg.eps)
-            grads["proj"], dk_src, dv_src = projection_backward(
+            grads.update(ln_global_weight=dlng_w, ln_global_bias=dlng_b)
+            grads["proj"], dk_src, dv_src, src_len = projection_backward(
                 proj=_kernel_proj(proj, acc), k=k, v=v, pad8=pad8, stride_pad=stride_pad,
                 ln_src=ln_local if cfg.project_after_ln else None, causal=cfg.causal, chunk=cfg.chunk,
-                scalars=scalars, projected=projected, dk_raw=dk_raw, dv_raw=dv_raw)
+                scalars=scalars, projected=projected, dk_raw=dk_raw, dv_raw=dv_raw, col_dot=col_dot)
     elif proj is not None:  # causal, no full chunk: proj is never used
         grads["proj"] = torch.zeros_like(proj)
 
     src_mode = SRC_NONE if dk_src is None else (SRC_AFTER_LN if cfg.project_after_ln else SRC_BEFORE_LN)
-    dk, dv, dlnw_part, dlnb_part = _dkv(q, k, v, do, lse, delta, ln_local=ln_local, dk_src=dk_src, dv_src=dv_src,
-                                        src_mode=src_mode, tiles=tiles["dkv"], **where)
+    dk, dv, kw, vw, dlnw_part, dlnb_part = _dkv(q, k, v, do, lse, delta, ln_local=ln_local, dk_src=dk_src,
+                                                dv_src=dv_src, src_mode=src_mode, src_len=src_len,
+                                                tiles=tiles["dkv"], **where)
     if ln_local is not None:
         dims = (0, 2) if ln_local[0].dim() == 2 else (0, 1, 2)
         grads.update(ln_local_weight=dlnw_part.sum(dims), ln_local_bias=dlnb_part.sum(dims))
+    dq = _dq(q, kw, vw, do, lse, delta, projected=projected, gvis=gvis, tiles=tiles["dq"], **where)
     return Grads(q=dq, k=dk, v=dv, **grads)

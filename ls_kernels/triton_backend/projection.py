@@ -15,8 +15,9 @@ _SEGMENT_ALIGN = 16
 
 
 class Projected(NamedTuple):
-    """The projection's outputs, each (B, H, NG, D) but col_lse (B, H, NG), in the accumulation dtype:
-    Kg, Vg (after LN_G), P^T k_P and P^T v_P (before it), and each column's logsumexp over its positions."""
+    """The projection's outputs, each (B, H, NG, D) but col_lse (B, H, NG): Kg, Vg (after LN_G) in the kernels'
+    dtype (q's), P^T k_P and P^T v_P (before it) and each column's logsumexp over its positions in the
+    accumulation dtype."""
     kg: torch.Tensor
     vg: torch.Tensor
     k_raw: torch.Tensor
@@ -48,9 +49,9 @@ def _bidirectional_segments(N, programs_per_segment):
 def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causal, chunk, scalars):
     """Projected keys and values of validated inputs.
 
-    proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1; pad8 (B, N) int8 or
-    None; ln_src: LN_L when the projection reads LN_L(k), LN_L(v), else None; scalars: make_scalars.
-    Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
+    proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1, in the kernels' dtype;
+    pad8 (B, N) int8 or None; ln_src: LN_L when the projection reads LN_L(k), LN_L(v), else None; scalars:
+    make_scalars. Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
     """
     B, H, N, D = k.shape
     r = proj.shape[-1]
@@ -72,8 +73,10 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causa
     part_z = torch.empty_like(part_m)
     part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)
     part_v = torch.empty_like(part_k)
-    kg = torch.empty(B, H, NG, D, dtype=acc, device=device)
-    vg, k_raw, v_raw = torch.empty_like(kg), torch.empty_like(kg), torch.empty_like(kg)
+    kg = torch.empty(B, H, NG, D, dtype=k.dtype, device=device)
+    vg = torch.empty_like(kg)
+    k_raw = torch.empty(B, H, NG, D, dtype=acc, device=device)
+    v_raw = torch.empty_like(k_raw)
     col_lse = torch.empty(B, H, NG, dtype=acc, device=device)
     if NG == 0:
         return Projected(kg, vg, k_raw, v_raw, col_lse)
@@ -100,30 +103,32 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causa
     return Projected(kg, vg, k_raw, v_raw, col_lse)
 
 
-def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, scalars, projected, dk_raw, dv_raw):
+def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, scalars, projected, dk_raw, dv_raw,
+                        col_dot):
     """Gradients of proj and of what the projection read (k_P, v_P), from dL/dKraw and dL/dVraw.
 
-    Inputs as projection_forward; projected: its Projected; dk_raw, dv_raw: (B, H, NG, D). Returns dproj
-    (B, H, N, r) in proj's dtype and dk_src, dv_src (B, H, N, D) in the accumulation dtype (zero past the
-    last full chunk when causal).
+    Inputs as projection_forward; projected: its Projected with NG > 0; dk_raw, dv_raw: (B, H, NG, D), contiguous;
+    col_dot (B, H, NG): k_raw . dk_raw + v_raw . dv_raw per projected vector.
+    Returns dproj (B, H, N, r) in proj's dtype, dk_src, dv_src (B, H, N, D) in the accumulation dtype, written
+    only at positions below src_len (causal: the last full chunk's end; past it they are zero and never read),
+    and src_len.
     """
-    k_raw, v_raw, col_lse = projected.k_raw, projected.v_raw, projected.col_lse
+    col_lse = projected.col_lse
     B, H, N, D = k.shape
     r = proj.shape[-1]
     acc = scalars.dtype
-    NG = k_raw.shape[2]
-    dproj = torch.zeros(B, H, N, r, dtype=proj.dtype, device=proj.device)
-    dk_src = torch.zeros(B, H, N, D, dtype=acc, device=k.device)
-    dv_src = torch.zeros_like(dk_src)
-    if NG == 0:
-        return dproj, dk_src, dv_src
-    col_dot = ((k_raw * dk_raw).sum(-1) + (v_raw * dv_raw).sum(-1)).contiguous()  # (B, H, NG)
+    NG = col_lse.shape[2]
+    src_len = (N // chunk) * chunk if causal else N
+    dproj = torch.empty(B, H, N, r, dtype=proj.dtype, device=proj.device)
+    dproj[:, :, src_len:].zero_()  # positions past the last full chunk project nothing
+    dk_src = torch.empty(B, H, N, D, dtype=acc, device=k.device)
+    dv_src = torch.empty_like(dk_src)
     BLOCK_N, BLOCK_R, num_warps = proj_bwd_config(D, r, chunk if causal else N)
     seg_len, n_seg = (chunk, N // chunk) if causal else _bidirectional_segments(N, B * H)
     lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, k.device)
     _proj_bwd_kernel[(n_seg, B * H)](
         proj, k, v, pad8 if pad8 is not None else absent(k.device), lnl_w, lnl_b, scalars, col_lse,
-        dk_raw.contiguous(), dv_raw.contiguous(), col_dot,
+        dk_raw, dv_raw, col_dot,
         dproj, dk_src, dv_src,
         proj.stride(0), proj.stride(1), proj.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -133,4 +138,4 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
         BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
     )
-    return dproj, dk_src, dv_src
+    return dproj, dk_src, dv_src, src_len

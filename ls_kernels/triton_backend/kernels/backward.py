@@ -1,50 +1,99 @@
-"""Backward kernels, FlashAttention style: probabilities recomputed from the forward's logsumexp,
-delta = rowsum(dO * O) computed beforehand. dQ per query block; window dK, dV per key block (with the
-LN_L backward and the projection's gradients of what it read); the projected vectors' dKg, dVg as
-per-split partials summed afterwards in a fixed order. No atomics: deterministic."""
+"""Backward kernels, FlashAttention style: probabilities recomputed from the forward's logsumexp, delta =
+rowsum(dO * O) by a pre-pass. Window dK, dV per key block (with the LN_L backward, the projection's gradients
+of what it read, and LN_L(k), LN_L(v) written for the dQ kernel); dQ per query block; the projected vectors'
+dKg, dVg as per-split partials summed afterwards in a fixed order. Key or query tiles that every row of a
+block sees whole run unmasked. No atomics: deterministic."""
 import triton
 import triton.language as tl
 
 from .common import (_batch_head, _dot, _exp, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows,
-                     _load_scalars, _normalize_rows, _query_block, _real_rows, _tile)
-from .visibility import _global_visible, _local_visible, _visit_keys
+                     _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _tile)
+from .visibility import _query_bounds, _tile_split, _visit_keys
+
+
+@triton.jit
+def _ls_bwd_delta_kernel(
+    O,  # [B, H, N, HEAD_DIM] contiguous: the forward's output (fp32 when kept unrounded)
+    DO,  # [B, H, N, HEAD_DIM], unit last stride
+    PAD,  # [B, N] int8, nonzero = padding
+    DELTA,  # [B, H, N] contiguous, accumulation dtype: rowsum(dO * O), 0 at padded queries
+    stride_dob, stride_doh, stride_don, stride_padb,
+    H, N,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, _ = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
+    q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # [BLOCK_M]: dO at padding ignored
+    row = (off_b * H + off_h) * N + offs_m.to(tl.int64)
+    o = _load_rows(O, row, HEAD_DIM, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
+    delta = tl.sum(do.to(DELTA.dtype.element_ty) * o.to(DELTA.dtype.element_ty), axis=1)
+    tl.store(DELTA + row, delta, mask=mask_m)
 
 
 @triton.jit
 def _ls_bwd_dq_kernel(
-    Q, K, V,  # [B, H, N, HEAD_DIM], unit last stride
-    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, accumulation dtype
+    Q,  # [B, H, N, HEAD_DIM], unit last stride
+    K, V,  # [B, H, N, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
+    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype
     GVIS,  # [B, NG] int8
     PAD,  # [B, N] int8, nonzero = padding
-    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous: the forward's logsumexp, rowsum(dO * O)
     DQ,  # [B, H, N, HEAD_DIM] contiguous, q's dtype
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # (B, H, N) strides of Q, K, V, DO
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-    stride_padb, stride_lnh,
+    stride_padb,
     H, N, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of a block of queries: probabilities recomputed from the logsumexp, same key sets as the forward."""
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
-    qk_scale, eps, zero, scale = _load_scalars(SCALARS)
+    qk_scale, _, zero, scale = _load_scalars(SCALARS)
     q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, q_ok, offs_d, mask_d)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
     lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
     delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
     _, _, dq = _visit_keys(  # dq: [BLOCK_M, BLOCK_D], from zeros
-        q, do, lse, delta, lse, delta, tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero, qk_scale, eps, zero, K, V,
-        KG, VG, GVIS, PAD, LNW, LNB, off_b, off_h, H, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-        stride_vn, stride_padb, stride_lnh, offs_m, start_m, last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK,
-        RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HAS_LN, HEAD_DIM, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=True)
+        q, do, lse, delta, lse, delta, tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero, qk_scale, K, V, KG, VG,
+        GVIS, PAD, off_b, off_h, H, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb,
+        offs_m, start_m, last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL,
+        HAS_PAD, HEAD_DIM, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=True)
     dq = dq * scale
     dq_ptrs = DQ + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base, pad_base, qk_scale,
+                     q_lo, q_hi, start, stop, offs_d, mask_d, N, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+                     IS_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """dk, dv [BLOCK_N, BLOCK_D] of keys k and values v [BLOCK_N, BLOCK_D], summed over the query tiles
+    start, start + BLOCK_M, .. below stop. MASKED tiles keep only queries in each key's [q_lo, q_hi)
+    [BLOCK_N]; other tiles are seen whole by every key (padded queries: zero q, dO and +inf logsumexp)."""
+    for start_m in range(start, stop, BLOCK_M):
+        offs_m, mask_m = _tile(start_m, BLOCK_M, N)
+        q_ok = _real_rows(pad_base, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
+        q = _load_tile(q_base, offs_m, stride_qn, q_ok, offs_d, mask_d, MASKED or HAS_PAD, EVEN_D)
+        do = _load_tile(do_base, offs_m, stride_don, q_ok, offs_d, mask_d, MASKED or HAS_PAD, EVEN_D)
+        if MASKED:
+            lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
+            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        p = _exp(s - lse[:, None], IS_FP64)
+        if MASKED:
+            p = tl.where((offs_m[:, None] >= q_lo[None, :]) & (offs_m[:, None] < q_hi[None, :]), p, 0.0)
+        dv += _dot(tl.trans(p.to(q.dtype)), do, IS_FP64, PRECISION)
+        ds = p * (_dot(do, tl.trans(v), IS_FP64, PRECISION) - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IS_FP64, PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -57,21 +106,22 @@ def _ls_bwd_dkv_kernel(
     LSE, DELTA,  # [B, H, N] contiguous
     DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, accumulation dtype: the projection's gradients of k_P, v_P
     DK, DV,  # [B, H, N, HEAD_DIM] contiguous, k's dtype
+    KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
     DLNW_PART, DLNB_PART,  # [B, H, n_key_blocks, HEAD_DIM]: LN_L weight and bias gradients per key block
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_padb, stride_lnh,
-    H, N, WINDOW, HALF,
+    H, N, WINDOW, HALF, SRC_LEN,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, SRC_MODE: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of a block of window keys: visits exactly the query blocks whose windows hold a key of
-    the block (no atomics), runs the LN_L backward in registers and writes per-block LN_L weight and
-    bias sums. The projection's gradients of what it read are added before the LN_L backward when it
-    read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2)."""
+    """dK, dV of a block of window keys: visits exactly the query tiles whose windows hold a key of the block
+    (no atomics), runs the LN_L backward in registers and writes per-block LN_L weight and bias sums. The
+    projection's gradients of what it read (positions below SRC_LEN) are added before the LN_L backward when
+    it read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2)."""
     pid_n, off_h, off_b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n, mask_n = _tile(start_n, BLOCK_N, N)
@@ -84,45 +134,43 @@ def _ls_bwd_dkv_kernel(
     k = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
     v = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
+    out = ((off_b * H + off_h) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
     if HAS_LN:
         k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
         v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
+        if HAS_LOCAL:
+            tl.store(KN + out, k, mask=mask_nd)
+            tl.store(VN + out, v, mask=mask_nd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
     if HAS_LOCAL:
+        q_lo, q_hi = _query_bounds(offs_n, N, WINDOW, HALF, CAUSAL)  # [BLOCK_N]
         last_n = tl.minimum(start_n + BLOCK_N, N) - 1
-        if CAUSAL:  # queries t with t - WINDOW < key <= t
-            lo = start_n
-            hi = tl.minimum(last_n + WINDOW, N)
-        else:  # segments g with g * WINDOW - HALF <= key < g * WINDOW + WINDOW + HALF
-            g_lo = (tl.maximum(start_n - WINDOW - HALF + 1, 0) + WINDOW - 1) // WINDOW
-            g_hi = (last_n + HALF) // WINDOW
-            lo = g_lo * WINDOW
-            hi = tl.minimum((g_hi + 1) * WINDOW, N)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        first_lo, first_hi = _query_bounds(start_n, N, WINDOW, HALF, CAUSAL)
+        last_lo, last_hi = _query_bounds(last_n, N, WINDOW, HALF, CAUSAL)
+        m0, m1, m2, m3 = _tile_split(first_lo, last_hi, last_lo, first_hi, BLOCK_M)
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m, mask_m = _tile(start_m, BLOCK_M, N)
-            q_ok = _real_rows(pad_base, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
-            q = _load_rows(q_base, offs_m, stride_qn, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
-            do = _load_rows(do_base, offs_m, stride_don, q_ok, offs_d, mask_d)
-            lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))
-            delta = tl.load(DELTA + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=0.0)
-            visible = _local_visible(offs_m, offs_n, N, WINDOW, HALF, CAUSAL) & key_ok[None, :]
-            s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-            p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-            dv += _dot(tl.trans(p.to(q.dtype)), do, IS_FP64, PRECISION)
-            ds = p * (_dot(do, tl.trans(v), IS_FP64, PRECISION) - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IS_FP64, PRECISION)
-        dk = dk * scale
+        lse_base, delta_base = LSE + (off_b * H + off_h) * N, DELTA + (off_b * H + off_h) * N
+        for part in tl.static_range(3):
+            if part == 0:
+                m_start, m_stop = m0, m1
+            elif part == 1:
+                m_start, m_stop = m1, m2
+            else:
+                m_start, m_stop = m2, m3
+            dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+                                      pad_base, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d, mask_d, N, HAS_PAD,
+                                      HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
+        dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past N have no gradient
+        dv = tl.where(key_ok[:, None], dv, 0.0)
 
-    out = ((off_b * H + off_h) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]
     if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
-        dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
-        dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
+        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
+        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
     if HAS_LN:  # statistics recomputed here rather than held in registers through the loop
         k_hat, k_rstd = _normalize_rows(_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) + zero,
                                         mask_d, eps, HEAD_DIM)
@@ -134,8 +182,8 @@ def _ls_bwd_dkv_kernel(
         dk = _layer_norm_rows_bwd(dk * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
         dv = _layer_norm_rows_bwd(dv * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
     if SRC_MODE == 2:  # gradients of raw k, v through the projection
-        dk += tl.load(DK_SRC + out, mask=mask_nd, other=0.0)
-        dv += tl.load(DV_SRC + out, mask=mask_nd, other=0.0)
+        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
+        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
@@ -143,7 +191,7 @@ def _ls_bwd_dkv_kernel(
 @triton.jit
 def _ls_bwd_dkv_global_kernel(
     Q,  # [B, H, N, HEAD_DIM], unit last stride
-    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, accumulation dtype
+    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype
     GVIS,  # [B, NG] int8
     PAD,  # [B, N] int8, nonzero = padding
     SCALARS,  # [4]: _load_scalars
@@ -158,45 +206,99 @@ def _ls_bwd_dkv_global_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Partial dKg, dVg of a block of projected vectors over one split of the queries that see them.
-    The splits are summed afterwards in a fixed order (deterministic, no atomics)."""
+    """Partial dKg, dVg of a block of projected vectors over one split of the queries (SPLIT_LEN of them,
+    from the first query that sees the block when causal). The splits are summed afterwards in a fixed order
+    (deterministic, no atomics)."""
     pid_g, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_b, off_h = _batch_head(pid_bh, H)
-    offs_g, mask_g = _tile(pid_g * BLOCK_G, BLOCK_G, NG)
+    start_g = pid_g * BLOCK_G
+    offs_g, mask_g = _tile(start_g, BLOCK_G, NG)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
     mask_gd = mask_g[:, None] & mask_d[None, :]
     qk_scale, _, zero, scale = _load_scalars(SCALARS)
     rows = (pid_bh.to(tl.int64) * NG + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]
-    q_dtype = Q.dtype.element_ty
-    gvis = tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0)
-    seen_gd = (mask_g & (gvis != 0))[:, None] & mask_d[None, :]  # zeros where invisible to every query
-    kg = tl.load(KG + rows, mask=seen_gd, other=0.0).to(q_dtype)  # [BLOCK_G, BLOCK_D]
-    vg = tl.load(VG + rows, mask=seen_gd, other=0.0).to(q_dtype)
+    g_ok = mask_g
+    if HAS_PAD:  # zeros where invisible to every query (a sequence or chunk of padding only)
+        g_ok = g_ok & (tl.load(GVIS + off_b * NG + offs_g, mask=mask_g, other=0) != 0)
+    kg = tl.load(KG + rows, mask=g_ok[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    vg = tl.load(VG + rows, mask=g_ok[:, None] & mask_d[None, :], other=0.0)
     dkg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
     dvg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
-    lo = pid_s * SPLIT_LEN
-    if CAUSAL:  # the first query that sees the block's first chunk
-        lo = tl.maximum(lo, ((pid_g * BLOCK_G) // RANK + 1) * CHUNK)
-    hi = tl.minimum(pid_s * SPLIT_LEN + SPLIT_LEN, N)
-    lo = (lo // BLOCK_M) * BLOCK_M
+    if CAUSAL:  # query t sees vector g when g < (t // CHUNK) * RANK: from the end of g's chunk on
+        q_first = (offs_g // RANK + 1) * CHUNK  # [BLOCK_G]
+        first_seen = (start_g // RANK + 1) * CHUNK
+        all_seen = ((tl.minimum(start_g + BLOCK_G, NG) - 1) // RANK + 1) * CHUNK
+    else:
+        q_first = tl.zeros([BLOCK_G], tl.int32)
+        first_seen = 0
+        all_seen = 0
+    lo = first_seen + pid_s * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, N)
+    m0, m1, m2, m3 = _tile_split(lo, hi, tl.maximum(all_seen, lo), hi, BLOCK_M)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m, mask_m = _tile(start_m, BLOCK_M, hi)
-        mask_m = mask_m & (offs_m >= pid_s * SPLIT_LEN)
-        q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
-        q = _load_rows(q_base, offs_m, stride_qn, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
-        do = _load_rows(do_base, offs_m, stride_don, q_ok, offs_d, mask_d)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=mask_m, other=0.0)
-        visible = _global_visible(offs_m, offs_g, gvis, CHUNK, RANK, CAUSAL) & mask_m[:, None]
-        s = _dot(q, tl.trans(kg), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_G]
-        p = tl.where(visible, _exp(s - lse[:, None], IS_FP64), 0.0)
-        dvg += _dot(tl.trans(p.to(q_dtype)), do, IS_FP64, PRECISION)
-        ds = p * (_dot(do, tl.trans(vg), IS_FP64, PRECISION) - delta[:, None])
-        dkg += _dot(tl.trans(ds.to(q_dtype)), q, IS_FP64, PRECISION)
-    dkg = dkg * scale
-    part = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \
+    lse_base, delta_base = LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N
+    q_end = tl.zeros([BLOCK_G], tl.int32) + hi
+    for part in tl.static_range(3):
+        if part == 0:
+            m_start, m_stop = m0, m1
+        elif part == 1:
+            m_start, m_stop = m1, m2
+        else:
+            m_start, m_stop = m2, m3
+        dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
+                                    PAD + off_b * stride_padb, qk_scale, q_first, q_end, m_start, m_stop, offs_d,
+                                    mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
+    dkg = tl.where(g_ok[:, None], dkg * scale, 0.0)  # invisible vectors have no gradient
+    dvg = tl.where(g_ok[:, None], dvg, 0.0)
+    part_rows = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \
         + offs_g[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DKG_PART + part, dkg, mask=mask_gd)
-    tl.store(DVG_PART + part, dvg, mask=mask_gd)
+    tl.store(DKG_PART + part_rows, dkg, mask=mask_gd)
+    tl.store(DVG_PART + part_rows, dvg, mask=mask_gd)
+
+
+@triton.jit
+def _ls_bwd_dkv_global_combine_kernel(
+    DKG_PART, DVG_PART,  # [n_split, B, H, NG, HEAD_DIM]: _ls_bwd_dkv_global_kernel's partials
+    KRAW, VRAW,  # [B, H, NG, HEAD_DIM] contiguous, accumulation dtype: the projected vectors before LN_G
+    LNW,  # [H or 1, HEAD_DIM]: LN_G weight
+    SCALARS,  # [4]: _load_scalars
+    DK_RAW, DV_RAW,  # [B, H, NG, HEAD_DIM] contiguous: gradients before LN_G (of kg, vg themselves without it)
+    COL_DOT,  # [B, H, NG]: Kraw . dKraw + Vraw . dVraw per vector (HAS_COL_DOT)
+    DLNW_PART, DLNB_PART,  # [B, H, n_g_blocks, HEAD_DIM]: LN_G weight and bias gradients per block of vectors
+    N_SPLIT, NG, stride_lnh, H,
+    HEAD_DIM: tl.constexpr, HAS_LN: tl.constexpr, HAS_COL_DOT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The splits' partial dKg, dVg of a block of projected vectors summed in a fixed order, then the LN_G
+    backward, the per-vector dot the projection backward needs, and per-block LN_G parameter gradients."""
+    pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
+    offs_g, mask_g = _tile(pid_g * BLOCK_G, BLOCK_G, NG)
+    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+    _, eps, zero, _ = _load_scalars(SCALARS)
+    rows = (pid_bh.to(tl.int64) * NG + offs_g)[:, None] * HEAD_DIM + offs_d[None, :]  # [BLOCK_G, BLOCK_D]
+    split_stride = tl.num_programs(1).to(tl.int64) * NG * HEAD_DIM
+    dkg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
+    dvg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
+    for s in range(0, N_SPLIT):  # fixed order: deterministic
+        dkg += tl.load(DKG_PART + s * split_stride + rows, mask=mask_gd, other=0.0)
+        dvg += tl.load(DVG_PART + s * split_stride + rows, mask=mask_gd, other=0.0)
+    if HAS_LN:
+        k_raw = tl.load(KRAW + rows, mask=mask_gd, other=0.0)
+        v_raw = tl.load(VRAW + rows, mask=mask_gd, other=0.0)
+        ln_w, _ = _load_ln(LNW, LNW, (pid_bh % H).to(tl.int64), stride_lnh, offs_d, mask_d, zero, True)
+        k_hat, k_rstd = _normalize_rows(k_raw, mask_d, eps, HEAD_DIM)
+        v_hat, v_rstd = _normalize_rows(v_raw, mask_d, eps, HEAD_DIM)
+        part = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_g) * HEAD_DIM + offs_d
+        tl.store(DLNW_PART + part, tl.sum(dkg * k_hat + dvg * v_hat, axis=0), mask=mask_d)
+        tl.store(DLNB_PART + part, tl.sum(dkg + dvg, axis=0), mask=mask_d)
+        dkg = _layer_norm_rows_bwd(dkg * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
+        dvg = _layer_norm_rows_bwd(dvg * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
+    tl.store(DK_RAW + rows, dkg, mask=mask_gd)
+    tl.store(DV_RAW + rows, dvg, mask=mask_gd)
+    if HAS_COL_DOT:
+        if not HAS_LN:
+            k_raw = tl.load(KRAW + rows, mask=mask_gd, other=0.0)
+            v_raw = tl.load(VRAW + rows, mask=mask_gd, other=0.0)
+        tl.store(COL_DOT + pid_bh.to(tl.int64) * NG + offs_g, tl.sum(k_raw * dkg + v_raw * dvg, axis=1), mask=mask_g)

@@ -64,10 +64,26 @@ def _real_rows(pad_base, offs, mask_rows, HAS_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, offs, stride, mask_rows, offs_d, mask_d, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows offs (row stride `stride`, unit column stride) as [R, BLOCK_D]: zeros outside mask_rows when
+    MASK_ROWS, and beyond the head dim unless EVEN_D (HEAD_DIM == BLOCK_D); unmasked loads otherwise."""
+    ptrs = ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :]
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=mask_rows[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=mask_d[None, :], other=0.0)
+
+
+@triton.jit
 def _load_rows(ptr, offs, stride, mask_rows, offs_d, mask_d):
     """Rows offs (row stride `stride`, unit column stride) as [R, BLOCK_D], zeros outside the masks."""
-    return tl.load(ptr + offs.to(tl.int64)[:, None] * stride + offs_d[None, :],
-                   mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
+    return _load_tile(ptr, offs, stride, mask_rows, offs_d, mask_d, True, False)
 
 
 @triton.jit
@@ -115,9 +131,9 @@ def _layer_norm_rows_bwd(g, x_hat, rstd, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(s, visible, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax update with a tile of scores s [BLOCK_M, BLOCK_K] and values [BLOCK_K, BLOCK_D]."""
-    s = tl.where(visible, s, float("-inf"))
+def _softmax_step(s, values, m_i, l_i, acc, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax update with a tile of scores s [BLOCK_M, BLOCK_K] (-inf where invisible) and values
+    [BLOCK_K, BLOCK_D]."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))  # [BLOCK_M]
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
     alpha = _exp(m_i - m_safe, IS_FP64)

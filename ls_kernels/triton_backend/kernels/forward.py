@@ -1,7 +1,7 @@
 """The forward kernel: for a block of queries, ONE online softmax over the projected vectors visible to the
-block and its window keys, LN_L applied to every loaded key and value tile in registers. Writes O and an
-fp32 logsumexp per query (+inf for queries that see nothing or are padded, so the backward recomputes zero
-probabilities for them)."""
+block and its window keys (LN_L applied beforehand by the pre-pass). Writes O and an fp32 logsumexp per
+query (+inf for queries that see nothing or are padded, so the backward recomputes zero probabilities for
+them)."""
 import triton
 import triton.language as tl
 
@@ -11,11 +11,11 @@ from .visibility import _visit_keys
 
 @triton.jit
 def _ls_fwd_kernel(
-    Q, K, V,  # [B, H, N, HEAD_DIM], unit last stride
-    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, accumulation dtype: projected keys and values
+    Q,  # [B, H, N, HEAD_DIM], unit last stride
+    K, V,  # [B, H, N, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
+    KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype: projected keys and values
     GVIS,  # [B, NG] int8: the projected vector's sequence or chunk has a real token
     PAD,  # [B, N] int8, nonzero = padding
-    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
     SCALARS,  # [4]: _load_scalars
     O,  # [B, H, N, HEAD_DIM] output, q's dtype
     O_ACC,  # [B, H, N, HEAD_DIM] contiguous, fp32: the unrounded output (STORE_ACC)
@@ -24,15 +24,14 @@ def _ls_fwd_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_padb, stride_lnh,
+    stride_padb,
     H, N, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_ACC: tl.constexpr,
+    HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, STORE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
-    qk_scale, eps, zero, scale = _load_scalars(SCALARS)
+    qk_scale, _, zero, _ = _load_scalars(SCALARS)
 
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, mask_m, offs_d, mask_d)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32) + zero
@@ -40,10 +39,10 @@ def _ls_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero  # [BLOCK_M, BLOCK_D]
 
     m_i, l_i, acc = _visit_keys(
-        q, q, m_i, m_i, m_i, l_i, acc, qk_scale, eps, zero, K, V, KG, VG, GVIS, PAD, LNW, LNB, off_b, off_h, H,
-        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, stride_lnh, offs_m, start_m,
-        last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HAS_LN,
-        HEAD_DIM, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=False)
+        q, q, m_i, m_i, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, PAD, off_b, off_h, H, stride_kb, stride_kh,
+        stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, offs_m, start_m, last_m, offs_d, mask_d, N, NG,
+        WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HEAD_DIM, HEAD_DIM == BLOCK_D, IS_FP64,
+        PRECISION, BLOCK_N, BLOCK_G, DQ=False)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     l_safe = tl.where(seen, l_i, 1.0)

@@ -11,7 +11,8 @@ causal) and keeps, per segment and rank column, an online softmax: the column ma
 the normaliser and the unnormalised products with k_P and v_P. When k_P = LN_L(k)
 the LayerNorm is applied in registers to each loaded tile. ``_proj_combine_kernel``
 merges the segments of each group (the whole sequence, or one chunk) in a fixed
-order, normalises, and applies LN_G. Everything runs in fp32 (fp64 for fp64).
+order, normalises, and applies LN_G. Everything runs in fp32 (fp64 for fp64); Kg and Vg are stored
+in q's dtype, as the attention kernels read them.
 """
 import triton
 import triton.language as tl
@@ -83,7 +84,8 @@ def _proj_combine_kernel(
     PART_K, PART_V,  # [B, H, n_seg, RANK, HEAD_DIM]
     LNW, LNB,  # [H or 1, HEAD_DIM]: LN_G weight and bias
     SCALARS,  # [4]: _load_scalars
-    KG, VG, KRAW, VRAW,  # [B, H, NG, HEAD_DIM]: projected keys and values after and before LN_G
+    KG, VG,  # [B, H, NG, HEAD_DIM], q's dtype: projected keys and values after LN_G, as the attention reads them
+    KRAW, VRAW,  # [B, H, NG, HEAD_DIM], accumulation dtype: before LN_G
     COL_LSE,  # [B, H, NG]: each column's logsumexp over its positions
     H, RANK, SEGS_PER_GROUP, stride_lnh,
     HEAD_DIM: tl.constexpr, HAS_LN: tl.constexpr,
@@ -129,8 +131,8 @@ def _proj_combine_kernel(
         ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
         k_raw = _layer_norm_rows(k_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
         v_raw = _layer_norm_rows(v_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
-    tl.store(KG + out, k_raw, mask=mask_rd)
-    tl.store(VG + out, v_raw, mask=mask_rd)
+    tl.store(KG + out, k_raw.to(KG.dtype.element_ty), mask=mask_rd)
+    tl.store(VG + out, v_raw.to(VG.dtype.element_ty), mask=mask_rd)
 
 
 @triton.jit

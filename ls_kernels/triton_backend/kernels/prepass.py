@@ -1,0 +1,37 @@
+"""The forward's LN_L pre-pass: LN_L(k) and LN_L(v) written once in q's dtype, so that the attention kernels
+read the window keys and values as stored instead of normalising every tile they visit."""
+import triton
+import triton.language as tl
+
+from .common import _batch_head, _layer_norm_rows, _load_ln, _load_rows, _load_scalars, _real_rows, _tile
+
+
+@triton.jit
+def _ln_local_kernel(
+    K, V,  # [B, H, N, HEAD_DIM], unit last stride
+    PAD,  # [B, N] int8, nonzero = padding
+    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
+    SCALARS,  # [4]: _load_scalars
+    KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) (LN_L of zeros at padded positions)
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, stride_lnh,
+    H, N,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """LN_L of BLOCK_N rows of k and of v, in the accumulation dtype, rounded to KN's dtype once; what is stored
+    at padded positions is finite whatever k, v hold there."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    off_b, off_h = _batch_head(pid_bh, H)
+    offs_n, mask_n = _tile(pid_n * BLOCK_N, BLOCK_N, N)
+    offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
+    _, eps, zero, _ = _load_scalars(SCALARS)
+    ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, True)
+    rows_ok = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]
+    k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, rows_ok, offs_d, mask_d)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, rows_ok, offs_d, mask_d)
+    out = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    tl.store(KN + out, _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(KN.dtype.element_ty),
+             mask=mask_nd)
+    tl.store(VN + out, _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(VN.dtype.element_ty),
+             mask=mask_nd)
