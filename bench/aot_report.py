@@ -86,12 +86,18 @@ def kernel_specs(dtype, D, pad=True):
                  "DELTA": acc, "DKG_PART": acc, "DVG_PART": acc}
         const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
+    types = {"DKG_PART": acc, "DVG_PART": acc, "KRAW": acc, "VRAW": acc, "LNW": acc, "SCALARS": acc, "DK_RAW": acc,
+             "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc}
+    const = dict(HEAD_DIM=D, HAS_LN=True, HAS_COL_DOT=True, BLOCK_G=bwd["dkv_global"].block_n, BLOCK_D=BLOCK_D)
+    specs.append(("_ls_bwd_dkv_global_combine_kernel", bwd_kernels._ls_bwd_dkv_global_combine_kernel, types, const,
+                  4, 1))
 
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
              "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
-    const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+    const = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, BLOCK_N=BLOCK_N,
+                 BLOCK_R=BLOCK_R)
     specs.append(("_proj_partial_kernel", prj_kernels._proj_partial_kernel, types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
@@ -100,7 +106,7 @@ def kernel_specs(dtype, D, pad=True):
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
         bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
-        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, BLOCK_N=bn, BLOCK_R=br)
+        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, BLOCK_N=bn, BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
     return specs
 

@@ -13,7 +13,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNELS = {f"{k}[{m}]" for k in ("_ls_fwd_kernel", "_ls_bwd_dq_kernel", "_ls_bwd_dkv_kernel", "_ls_bwd_dkv_global_kernel")
            for m in ("bidir", "causal")} | {"_proj_partial_kernel", "_proj_combine_kernel",
-                                            "_proj_bwd_kernel[seg=16]", "_proj_bwd_kernel[seg=4096]"}
+                                            "_proj_bwd_kernel[seg=16]", "_proj_bwd_kernel[seg=4096]",
+                                            "_ln_local_kernel", "_ls_bwd_delta_kernel",
+                                            "_ls_bwd_dkv_global_combine_kernel"}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
 

@@ -108,10 +108,10 @@ def _given(kg, vg, acc, like):
     return Projected(kg, vg, none, none, like.new_empty(B, H, 0, dtype=acc))
 
 
-def _local_keys(k, v, *, cfg, ln_local, pad8, stride_pad, scalars):
-    """The window keys and values as the attention kernels read them: LN_L(k), LN_L(v) in k's dtype, written
-    once by _ln_local_kernel, or k, v themselves without LN_L (or without a window)."""
-    if ln_local is None or cfg.window == 0:
+def _local_keys(k, v, *, needed, ln_local, pad8, stride_pad, scalars):
+    """LN_L(k), LN_L(v) in k's dtype, written once by _ln_local_kernel (when needed, by the window or by the
+    projection), or k, v themselves without LN_L."""
+    if ln_local is None or not needed:
         return k, v
     B, H, N, D = k.shape
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, k.device)
@@ -145,24 +145,26 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, device)
     acc = scalars.dtype
     pad8, stride_pad = pad_int8(pad)
+    reads_ln = proj is not None and cfg.project_after_ln  # the projection reads LN_L(k), LN_L(v)
+    kn, vn = _local_keys(k, v, needed=cfg.window > 0 or reads_ln, ln_local=ln_local, pad8=pad8,
+                         stride_pad=stride_pad, scalars=scalars)
     if proj is not None:
-        projected = projection_forward(proj=_kernel_proj(proj, acc), k=k, v=v, pad8=pad8, stride_pad=stride_pad,
-                                       ln_src=ln_local if cfg.project_after_ln else None, ln_global=ln_global,
-                                       causal=cfg.causal, chunk=cfg.chunk, scalars=scalars)
+        projected = projection_forward(proj=_kernel_proj(proj, acc), k=kn if reads_ln else k,
+                                       v=vn if reads_ln else v, pad8=pad8, stride_pad=stride_pad,
+                                       ln_global=ln_global, causal=cfg.causal, chunk=cfg.chunk, scalars=scalars)
     else:
         projected = _given(kg, vg, acc, q)
     NG, rank = projected.kg.shape[2], max(cfg.rank, 1)
     gvis = gvis_int8(pad, B, N, rank, cfg.causal, cfg.chunk, NG, device)
-    kw, vw = _local_keys(k, v, cfg=cfg, ln_local=ln_local, pad8=pad8, stride_pad=stride_pad, scalars=scalars)
     tiles = fwd_config(D, q.dtype, gpu_tiles)
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     keep_acc = store_acc and dtype in HALF_DTYPES
     o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if keep_acc else out
     lse = torch.empty(B, H, N, dtype=acc, device=device)
     _ls_fwd_kernel[(triton.cdiv(N, tiles.block_m), H, B)](
-        q, kw, vw, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), scalars,
+        q, kn, vn, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), scalars,
         out, o_acc, lse,
-        *bhn_strides(q, kw, vw, out), stride_pad,
+        *bhn_strides(q, kn, vn, out), stride_pad,
         H, N, NG, cfg.window, cfg.half_width, cfg.chunk, rank,
         HEAD_DIM=D, CAUSAL=cfg.causal, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
         IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_ACC=keep_acc,

@@ -12,6 +12,8 @@ from .kernels.projection import _proj_bwd_kernel, _proj_combine_kernel, _proj_pa
 _TARGET_PROGRAMS = 512
 _MIN_SEGMENT = 64
 _SEGMENT_ALIGN = 16
+# the projection's fp32 dots: three TF32 tensor-core products with the low parts (fp32's accuracy)
+PRECISION = "tf32x3"
 
 
 class Projected(NamedTuple):
@@ -46,12 +48,12 @@ def _bidirectional_segments(N, programs_per_segment):
     return seg_len, triton.cdiv(N, seg_len)
 
 
-def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causal, chunk, scalars):
+def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk, scalars):
     """Projected keys and values of validated inputs.
 
-    proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1, in the kernels' dtype;
-    pad8 (B, N) int8 or None; ln_src: LN_L when the projection reads LN_L(k), LN_L(v), else None; scalars:
-    make_scalars. Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
+    proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1, in the kernels' dtype: what
+    the projection reads (raw, or LN_L(k), LN_L(v) as the LN_L pre-pass wrote them); pad8 (B, N) int8 or None;
+    scalars: make_scalars. Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
     """
     B, H, N, D = k.shape
     r = proj.shape[-1]
@@ -80,18 +82,17 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_src, ln_global, causa
     col_lse = torch.empty(B, H, NG, dtype=acc, device=device)
     if NG == 0:
         return Projected(kg, vg, k_raw, v_raw, col_lse)
-    lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, device)
     lng_w, lng_b, lng_stride = ln_params(ln_global, H, D, acc, device)
     is_fp64 = acc == torch.float64
     _proj_partial_kernel[(n_seg, n_rblk, B * H)](
-        proj, k, v, pad8 if pad8 is not None else absent(device), lnl_w, lnl_b, scalars,
+        proj, k, v, pad8 if pad8 is not None else absent(device), scalars,
         part_m, part_z, part_k, part_v,
         proj.stride(0), proj.stride(1), proj.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        stride_pad, lnl_stride,
+        stride_pad,
         N, H, r, seg_len,
-        HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=is_fp64,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, IS_FP64=is_fp64, PRECISION=PRECISION,
         BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
     )
     _proj_combine_kernel[(n_groups, n_rblk, B * H)](
@@ -136,6 +137,6 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
         stride_pad, lnl_stride,
         N, H, r, seg_len, NG, 1 if causal else 0,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
+        PRECISION=PRECISION, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
     )
     return dproj, dk_src, dv_src, src_len

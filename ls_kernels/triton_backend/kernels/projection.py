@@ -8,31 +8,32 @@ Kg = LN_G(P^T k_P), Vg = LN_G(P^T v_P).
 Two kernels. ``_proj_partial_kernel`` cuts the positions into segments (many per
 sequence when bidirectional, so a long sequence fills the GPU; one per chunk when
 causal) and keeps, per segment and rank column, an online softmax: the column max,
-the normaliser and the unnormalised products with k_P and v_P. When k_P = LN_L(k)
-the LayerNorm is applied in registers to each loaded tile. ``_proj_combine_kernel``
+the normaliser and the unnormalised products with k_P and v_P (k_P = LN_L(k) is read
+as the LN_L pre-pass wrote it). ``_proj_combine_kernel``
 merges the segments of each group (the whole sequence, or one chunk) in a fixed
-order, normalises, and applies LN_G. Everything runs in fp32 (fp64 for fp64); Kg and Vg are stored
+order, normalises, and applies LN_G. Everything runs in fp32 (dots as 3xTF32 on tensor cores: fp32's
+accuracy) (fp64 for fp64); Kg and Vg are stored
 in q's dtype, as the attention kernels read them.
 """
 import triton
 import triton.language as tl
 
-from .common import _batch_head, _dot, _layer_norm_rows, _load_ln, _load_normed_rows, _load_scalars, _real_rows, _tile
+from .common import (_batch_head, _dot, _dot_fine, _layer_norm_rows, _load_ln, _load_normed_rows, _load_rows, _load_scalars,
+                     _real_rows, _tile)
 
 
 @triton.jit
 def _proj_partial_kernel(
     P,  # [B, H, N, RANK] logits, unit last stride
-    K, V,  # [B, H, N, HEAD_DIM], unit last stride
+    K, V,  # [B, H, N, HEAD_DIM], unit last stride: what the projection reads (k, v or LN_L(k), LN_L(v))
     PAD,  # [B, N] int8, nonzero = padding
-    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias (when the projection reads LN_L(k), LN_L(v))
     SCALARS,  # [4]: _load_scalars
     PART_M, PART_Z,  # [B, H, n_seg, RANK]: per-segment column max and normaliser
     PART_K, PART_V,  # [B, H, n_seg, RANK, HEAD_DIM]: per-segment unnormalised P^T k_P, P^T v_P
     stride_pb, stride_ph, stride_pn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # (B, H, N)
-    stride_padb, stride_lnh,
+    stride_padb,
     N, H, RANK, SEG_LEN,
-    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_s, pid_r, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -40,8 +41,7 @@ def _proj_partial_kernel(
     off_b, off_h = _batch_head(pid_bh, H)
     offs_r, mask_r = _tile(pid_r * BLOCK_R, BLOCK_R, RANK)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
-    _, eps, zero, _ = _load_scalars(SCALARS)
-    ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)  # [BLOCK_D]
+    _, _, zero, _ = _load_scalars(SCALARS)
     m_col = tl.full([BLOCK_R], float("-inf"), tl.float32) + zero  # [BLOCK_R]
     z_col = tl.zeros([BLOCK_R], tl.float32) + zero
     acc_k = tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + zero
@@ -56,18 +56,17 @@ def _proj_partial_kernel(
         valid = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]: padding reads as absent
         logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=valid[:, None] & mask_r[None, :],
                          other=float("-inf")) + zero  # [BLOCK_N, BLOCK_R]
-        k = _load_normed_rows(k_base, offs_n, stride_kn, valid, offs_d, mask_d, zero, ln_w, ln_b, eps, HAS_LN,
-                              HEAD_DIM)  # [BLOCK_N, BLOCK_D]
-        v = _load_normed_rows(v_base, offs_n, stride_vn, valid, offs_d, mask_d, zero, ln_w, ln_b, eps, HAS_LN,
-                              HEAD_DIM)
+        k = _load_rows(k_base, offs_n, stride_kn, valid, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
+        v = _load_rows(v_base, offs_n, stride_vn, valid, offs_d, mask_d)
         m_new = tl.maximum(m_col, tl.max(logits, axis=0))  # [BLOCK_R]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_col - m_safe)
         p = tl.exp(logits - m_safe[None, :])  # [BLOCK_N, BLOCK_R]
         z_col = z_col * alpha + tl.sum(p, axis=0)
         p_t = tl.trans(p)  # [BLOCK_R, BLOCK_N]
-        acc_k = acc_k * alpha[:, None] + _dot(p_t, k, IS_FP64, "ieee")
-        acc_v = acc_v * alpha[:, None] + _dot(p_t, v, IS_FP64, "ieee")
+        p_t = p_t.to(K.dtype.element_ty)  # fp16/bf16 dots for fp16/bf16 inputs (fp32 accumulation)
+        acc_k = acc_k * alpha[:, None] + _dot(p_t, k, IS_FP64, PRECISION)
+        acc_v = acc_v * alpha[:, None] + _dot(p_t, v, IS_FP64, PRECISION)
         m_col = m_new
     # partials are contiguous (B, H, S, RANK) and (B, H, S, RANK, HEAD_DIM)
     row = (off_b * H + off_h) * n_seg + pid_s
@@ -153,7 +152,7 @@ def _proj_bwd_kernel(
     stride_padb, stride_lnh,
     N, H, RANK, SEG_LEN, NG, GROUP_IS_SEGMENT,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Backward of the projection for one segment of positions.
 
@@ -177,9 +176,9 @@ def _proj_bwd_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
         valid = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]: zeros at padding
         k = _load_normed_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, valid, offs_d, mask_d,
-                              zero, ln_w, ln_b, eps, HAS_LN, HEAD_DIM)  # [BLOCK_N, BLOCK_D]
+                              zero, ln_w, ln_b, eps, HAS_LN, HEAD_DIM).to(K.dtype.element_ty)  # [BLOCK_N, BLOCK_D]
         v = _load_normed_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, valid, offs_d, mask_d,
-                              zero, ln_w, ln_b, eps, HAS_LN, HEAD_DIM)
+                              zero, ln_w, ln_b, eps, HAS_LN, HEAD_DIM).to(K.dtype.element_ty)
         dk_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
         dv_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
         for start_r in range(0, RANK, BLOCK_R):
@@ -193,12 +192,16 @@ def _proj_bwd_kernel(
             dk_raw = tl.load(DK_RAW + grid_rd, mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_D]
             dv_raw = tl.load(DV_RAW + grid_rd, mask=mask_rd, other=0.0)
             col_dot = tl.load(COL_DOT + g_base + offs_r, mask=mask_r, other=0.0)  # [BLOCK_R]
-            dprob = _dot(k, tl.trans(dk_raw), IS_FP64, "ieee") + _dot(v, tl.trans(dv_raw), IS_FP64, "ieee")
+            # dk_raw, dv_raw at fp32's accuracy: with one position per column, dprob and col_dot cancel exactly
+            dprob = _dot_fine(k, tl.trans(dk_raw), zero, IS_FP64, PRECISION) \
+                + _dot_fine(v, tl.trans(dv_raw), zero, IS_FP64, PRECISION)
+            dk_raw_in, dv_raw_in = dk_raw.to(K.dtype.element_ty), dv_raw.to(K.dtype.element_ty)  # the inputs' dtype
             dlogits = prob * (dprob - col_dot[None, :])  # [BLOCK_N, BLOCK_R]
             tl.store(DP + (pid_bh.to(tl.int64) * N + rows) * RANK + offs_r[None, :], dlogits.to(DP.dtype.element_ty),
                      mask=mask_n[:, None] & mask_r[None, :])
-            dk_src += _dot(prob, dk_raw, IS_FP64, "ieee")
-            dv_src += _dot(prob, dv_raw, IS_FP64, "ieee")
+            prob_in = prob.to(K.dtype.element_ty)
+            dk_src += _dot(prob_in, dk_raw_in, IS_FP64, PRECISION)
+            dv_src += _dot(prob_in, dv_raw_in, IS_FP64, PRECISION)
         out = (pid_bh.to(tl.int64) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK_SRC + out, dk_src, mask=mask_nd)
         tl.store(DV_SRC + out, dv_src, mask=mask_nd)

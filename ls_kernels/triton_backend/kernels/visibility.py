@@ -123,8 +123,9 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
                 HAS_GLOBAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                 IS_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                 DQ: tl.constexpr):
-    """Every key tile the queries start_m .. last_m of sequence (off_b, off_h) see, the projected vectors
-    first, then the window keys, each run of edge, interior and edge tiles through _tile_update. q, do
+    """Every key tile the queries start_m .. last_m of sequence (off_b, off_h) see through _tile_update: the
+    projected vectors first (interior tiles, then the masked rest), then the window keys (edge, interior and
+    edge tiles). q, do
     [BLOCK_M, BLOCK_D]; lse, delta, m_i, l_i [BLOCK_M]; acc [BLOCK_M, BLOCK_D] (the forward passes its state and
     q, m_i in place of do, lse, delta; the dQ kernel passes lse, delta in place of m_i, l_i). K, V: the window
     keys and values as the kernels read them (LN_L applied); KG, VG [B, H, NG, HEAD_DIM] contiguous."""
@@ -138,17 +139,13 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
             g_lim = tl.full([offs_m.shape[0]], 0, tl.int32) + NG
             g_every = NG
             g_any = NG
-        g0, g1, g2, g3 = _tile_split(0, g_any, 0, g_every, BLOCK_G)
-        for part in tl.static_range(3):
-            if part == 0:
-                g_start, g_stop = g0, g1
-            elif part == 1:
-                g_start, g_stop = g1, g2
-            else:
-                g_start, g_stop = g2, g3
-            m_i, l_i, acc = _projected_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, KG + g_base, VG + g_base,
-                                             GVIS + off_b * NG, g_lim, g_start, g_stop, offs_d, mask_d, HAS_PAD,
-                                             HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_G, DQ, part != 1)
+        g_interior = (g_every // BLOCK_G) * BLOCK_G  # whole tiles every query sees, then the rest masked
+        m_i, l_i, acc = _projected_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, KG + g_base, VG + g_base,
+                                         GVIS + off_b * NG, g_lim, 0, g_interior, offs_d, mask_d, HAS_PAD, HEAD_DIM,
+                                         EVEN_D, IS_FP64, PRECISION, BLOCK_G, DQ, MASKED=False)
+        m_i, l_i, acc = _projected_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, KG + g_base, VG + g_base,
+                                         GVIS + off_b * NG, g_lim, g_interior, g_any, offs_d, mask_d, HAS_PAD,
+                                         HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_G, DQ, MASKED=True)
     if HAS_LOCAL:
         win_lo, win_hi = _window_bounds(offs_m, N, WINDOW, HALF, CAUSAL)  # [BLOCK_M]
         first_lo, first_hi = _window_bounds(start_m, N, WINDOW, HALF, CAUSAL)
