@@ -88,25 +88,27 @@ def kernel_specs(dtype, D, pad=True):
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
     types = {"DKG_PART": acc, "DVG_PART": acc, "KRAW": acc, "VRAW": acc, "LNW": acc, "SCALARS": acc, "DK_RAW": acc,
              "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc}
-    const = dict(HEAD_DIM=D, HAS_LN=True, HAS_COL_DOT=True, BLOCK_G=bwd["dkv_global"].block_n, BLOCK_D=BLOCK_D)
+    const = dict(HEAD_DIM=D, HAS_LN=True, HAS_COL_DOT=True, BLOCK_G=launch.COMBINE_ROWS, BLOCK_D=BLOCK_D)
     specs.append(("_ls_bwd_dkv_global_combine_kernel", bwd_kernels._ls_bwd_dkv_global_combine_kernel, types, const,
                   4, 1))
 
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
-    types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc,
-             "PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc}
-    const = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, BLOCK_N=BLOCK_N,
-                 BLOCK_R=BLOCK_R)
-    specs.append(("_proj_partial_kernel", prj_kernels._proj_partial_kernel, types, const, 4, 1))
+    types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "PART_M": acc,
+             "PART_Z": acc, "PART_K": acc, "PART_V": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
+    for final in (False, True):  # bidirectional segments; causal chunks (whole groups)
+        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, FINAL=final, BLOCK_N=BLOCK_N,
+                     BLOCK_R=BLOCK_R)
+        specs.append((f"_proj_partial_kernel[{'final' if final else 'segment'}]", prj_kernels._proj_partial_kernel,
+                      types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
     specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
-        bn, br, w = prj.proj_bwd_config(D, r=32, seg_len=seg_len)
-        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, BLOCK_N=bn, BLOCK_R=br)
+        bn, br, w, precision = prj.proj_bwd_config(D, r=32, seg_len=seg_len, dtype=dtype)
+        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=precision, BLOCK_N=bn, BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
     return specs
 

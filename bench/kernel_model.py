@@ -39,6 +39,7 @@ import replay  # noqa: E402
 import torch  # noqa: E402
 from aot_report import CUOBJDUMP, TL_TYPES, compile_kernel, kernel_specs, resource_usage  # noqa: E402
 from ls_kernels.triton_backend.args import block_d  # noqa: E402
+from ls_kernels.triton_backend import projection as prj  # noqa: E402
 from ls_kernels.triton_backend.launch import fwd_config  # noqa: E402
 
 ARCH = 90
@@ -163,13 +164,15 @@ def _spec(label, dtype, D, run_const, pc):
     the launch's tiles and the configuration's flags."""
     base = label.split("[")[0]
     for spec_label, fn, types, const, warps, stages in kernel_specs(dtype, D, pad=False):
-        if spec_label == label or (spec_label.split("[")[0] == base and base == "_proj_bwd_kernel"):
+        if spec_label == label or (spec_label.split("[")[0] == base == "_proj_bwd_kernel"):
             const = dict(const, **run_const)
             if base == "_proj_bwd_kernel":
-                const["HAS_LN"] = pc.project_after_ln
+                const["HAS_LN"] = pc.project_after_ln  # it normalises what the projection read
             if base == "_ls_bwd_dkv_kernel":
                 const["SRC_MODE"] = 1 if pc.project_after_ln else 2
-            warps = warps if base != "_proj_bwd_kernel" else (4 if const["BLOCK_N"] == 32 else 8)
+            if base == "_proj_bwd_kernel":
+                _, _, warps, const["PRECISION"] = prj.proj_bwd_config(pc.dim, pc.rank,
+                                                                       pc.chunk if pc.causal else pc.seqlen, dtype)
             return fn, types, const, warps, stages
     raise KeyError(label)
 
@@ -178,6 +181,10 @@ def _launch(run, compiled, text, warps):
     found = loops(text)
     outer = [x for x in found if not any(y is not x and y["start"] <= x["start"] and x["end"] <= y["end"]
                                          for y in found)]
+    if len(run.loops) == 1 and len(found) == 2 and len(outer) == 2:
+        # ptxas unrolled the loop: a main loop over several iterations, then a remainder loop over one; an
+        # iteration costs the remainder's body
+        found = found[1:]
     if len(found) != len(run.loops):
         raise RuntimeError(f"{run.label}: {len(found)} loops in the SASS, the replay expects {run.loops}")
     own = np.array(_own_counts(found), dtype=np.float64)
@@ -235,7 +242,7 @@ def plain_calibration(dtype=torch.float16, D=64):
         name=label, warps=warps, ctas=programs, warp_instructions=warps * programs * per_program,
         longest_cta_warp_instructions=per_program, tensor_flops=flops,
         dram_bytes=4 * N * D * es * PLAIN_SHAPE["heads"], l2_bytes=programs * (N // BN) * 2 * BN * D * es)
-    return perf_model.plain_calibration(launch, flops)
+    return dict(perf_model.plain_calibration(launch, flops), loop_instructions=body["instructions"])
 
 
 def print_config_tables(results, calibration):
@@ -285,10 +292,13 @@ def main(argv=None):
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
     results = config_rows(configs)
+    calibration = plain_calibration()
+    for r in results:
+        r["plain_loop_instructions"] = calibration["loop_instructions"]
+    rows = kernel_rows(dtypes, dims, a.dump) if a.dump or not a.json else []
     if a.json:
         print(json.dumps(results))
         return
-    rows = kernel_rows(dtypes, dims, a.dump)
     print("Compiled for sm_90a at the default launch configs; loops: instructions per iteration "
           "(tensor-core, MUFU), in code order\n")
     print("| kernel | dtype | D | registers | spills | shared | warps | stages | CTAs/SM | loops |")
@@ -298,7 +308,7 @@ def main(argv=None):
         print(f"| {r['kernel']} | {r['dtype']} | {r['D']} | {r['registers']} | {r['spills']} | {r['shared']} | "
               f"{r['warps']} | {r['stages']} | {r['ctas_per_sm']} | {body} |")
     print()
-    print_config_tables(results, plain_calibration())
+    print_config_tables(results, calibration)
 
 
 if __name__ == "__main__":

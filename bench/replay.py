@@ -19,7 +19,7 @@ from ls_kernels.triton_backend.args import block_d, block_g
 
 ACC_BYTES = 4  # fp32 statistics, partials and the unrounded output
 INT_BYTES = 1  # padding and visibility flags (absent here: no padding)
-TF32X3_COST = 6  # a 3xTF32 dot: three TF32 products at half the fp16 rate, in fp16-equivalent FLOPs
+SPLIT_DOTS = 2  # dprob's fp16/bf16 dots with dKraw, dVraw split in a high and a low part
 
 
 @dataclass
@@ -100,7 +100,7 @@ def _dkv_iters(cfg, N, BM, BN):
 def _dkv_global_split(cfg, N, NG, BM, BG, B, H):
     """(n_split, split_len) as launch._dkv_global."""
     n_gblk = _cdiv(NG, BG)
-    n_split = max(1, min(_cdiv(N, BM), launch._DKV_GLOBAL_PROGRAMS // (B * H * n_gblk)))
+    n_split = max(1, min(_cdiv(N, BM), launch._DKV_GLOBAL_PROGRAMS // (B * H * n_gblk), launch._DKV_GLOBAL_SPLITS))
     split_len = _cdiv(_cdiv(N, n_split), BM) * BM
     return _cdiv(N, split_len), split_len
 
@@ -154,14 +154,17 @@ def runs(pc):
         seg_len, n_seg = projection._bidirectional_segments(N, BH * n_rblk)
         n_groups = 1
     part_row = PBR * (2 + 2 * D) * ACC_BYTES  # column max, normaliser and two products
+    out_row = PBR * (2 * row + 2 * acc_row + ACC_BYTES)  # kg, vg, k_raw, v_raw, col_lse
+    final = pc.causal or n_seg == 1  # whole groups: no combine
     per_seg = np.array([[_cdiv(min(seg_len, N - s * seg_len), PBN)] for s in range(n_seg) for _ in range(n_rblk)])
-    add("_proj_partial_kernel", "forward", dict(BLOCK_N=PBN, BLOCK_R=PBR), ["positions"], per_seg,
-        [PBN * (PBR * es + 2 * row)], part_row, [2 * 2 * PBR * PBN * block_d(D)],
-        BH * N * (r * es + 2 * row) + BH * n_seg * n_rblk * part_row)
-    segs_per_group = 1 if pc.causal else n_seg
-    add("_proj_combine_kernel", "forward", dict(BLOCK_R=PBR), ["segments"],
-        np.full((n_groups * n_rblk, 1), segs_per_group), [part_row], PBR * (2 * row + 2 * acc_row + ACC_BYTES), [0],
-        BH * n_seg * n_rblk * part_row + BH * NG * (2 * row + 2 * acc_row + ACC_BYTES))
+    add(f"_proj_partial_kernel[{'final' if final else 'segment'}]", "forward", dict(BLOCK_N=PBN, BLOCK_R=PBR),
+        ["positions"], per_seg, [PBN * (PBR * es + 2 * row)], out_row if final else part_row,
+        [2 * 2 * PBR * PBN * block_d(D)],
+        BH * N * (r * es + 2 * row) + BH * n_seg * n_rblk * (out_row if final else part_row))
+    if not final:
+        add("_proj_combine_kernel", "forward", dict(BLOCK_R=PBR), ["segments"],
+            np.full((n_groups * n_rblk, 1), n_seg), [part_row], out_row, [0],
+            BH * n_seg * n_rblk * part_row + BH * NG * (2 * row + 2 * acc_row + ACC_BYTES))
     fwd_tiles = launch.fwd_config(D, dtype)
     BM, BN = fwd_tiles.block_m, fwd_tiles.block_n
     BG = block_g(NG, BN)
@@ -185,25 +188,28 @@ def runs(pc):
         ["edge", "interior", "edge"], iters, [qrow_bytes] * 3, GBG * (2 * row + 2 * acc_row),
         [8 * t.block_m * GBG * block_d(D)] * 3,
         2 * qkv + 2 * BH * N * ACC_BYTES + 2 * BH * NG * row + n_split * BH * NG * 2 * acc_row)
-    add("_ls_bwd_dkv_global_combine_kernel", "backward", dict(BLOCK_G=GBG), ["splits"],
-        np.full((_cdiv(NG, GBG), 1), n_split), [GBG * 2 * acc_row], GBG * (4 * acc_row + ACC_BYTES), [0],
+    CBG = launch.COMBINE_ROWS
+    add("_ls_bwd_dkv_global_combine_kernel", "backward", dict(BLOCK_G=CBG), ["splits"],
+        np.full((_cdiv(NG, CBG), 1), n_split), [CBG * 2 * acc_row], CBG * (4 * acc_row + ACC_BYTES), [0],
         BH * NG * (n_split * 2 * acc_row + 4 * acc_row + ACC_BYTES))
     bseg = pc.chunk if pc.causal else N
-    RBN, RBR, _ = projection.proj_bwd_config(D, r, bseg)
+    RBN, RBR, _, _ = projection.proj_bwd_config(D, r, bseg, dtype)
     b_seg_len, b_n_seg = (pc.chunk, N // pc.chunk) if pc.causal else projection._bidirectional_segments(N, BH)
     outer = np.array([_cdiv(min(b_seg_len, N - s * b_seg_len), RBN) for s in range(b_n_seg)])
     iters = np.stack([outer, outer * _cdiv(r, RBR)], axis=1)
     add("_proj_bwd_kernel", "backward", dict(BLOCK_N=RBN, BLOCK_R=RBR), ["positions", "rank columns"], iters,
-        [RBN * (2 * row + 2 * acc_row), RBN * RBR * 2 * es + RBR * (2 * acc_row + 2 * ACC_BYTES)], 0,
-        [0, 2 * 2 * RBN * RBR * block_d(D) * TF32X3_COST + 2 * 2 * RBN * RBR * block_d(D)],
-        BH * N * (2 * row + 2 * r * es + 2 * acc_row) + BH * NG * (2 * acc_row + 2 * ACC_BYTES),
+        [RBN * 4 * row, RBN * RBR * 2 * es + RBR * (2 * acc_row + 2 * ACC_BYTES)], 0,
+        [0, 2 * 2 * RBN * RBR * block_d(D) * SPLIT_DOTS + 2 * 2 * RBN * RBR * block_d(D)],
+        BH * N * (4 * row + 2 * r * es) + BH * NG * (2 * acc_row + 2 * ACC_BYTES),
         seg=b_seg_len)
     t = tiles["dkv"]
     iters = _dkv_iters(cfg, N, t.block_m, t.block_n)
     add(f"_ls_bwd_dkv_kernel[{mode}]", "backward", dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n),
         ["edge", "interior", "edge"], iters, [t.block_m * (2 * row + 2 * ACC_BYTES)] * 3,
-        t.block_n * (8 * row + 2 * acc_row) + 2 * acc_row, [8 * t.block_m * t.block_n * block_d(D)] * 3,
-        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv + 2 * BH * N * acc_row + 2 * qkv)
+        t.block_n * 10 * row + 2 * acc_row, [8 * t.block_m * t.block_n * block_d(D)] * 3,
+        # q, dO, logsumexp and delta; k, v (read twice, the second time from L2); LN_L(k), LN_L(v) written;
+        # the projection's gradients; dk, dv
+        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv + 2 * qkv + 2 * qkv)
     t = tiles["dq"]
     DBG = block_g(NG, t.block_n)
     iters = _attention_iters(cfg, N, NG, t.block_m, t.block_n, DBG)

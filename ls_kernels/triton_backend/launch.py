@@ -21,10 +21,14 @@ from .projection import Projected, projection_backward, projection_forward
 
 # in the interpreter every tile step costs milliseconds: small tiles there, the GPU's elsewhere
 GPU_TILES = not INTERPRET
-# the dKg/dVg kernel splits the queries over about this many programs
-_DKV_GLOBAL_PROGRAMS = 512
+# the dKg/dVg kernel splits the queries over about this many programs, in at most _DKV_GLOBAL_SPLITS splits (the
+# combine kernel walks them one after another)
+_DKV_GLOBAL_PROGRAMS = 1024
+_DKV_GLOBAL_SPLITS = 48
 # rows per program of the row-wise pre-passes (LN_L, delta)
 ROWS_PER_PROGRAM = 64
+# projected vectors per program of the dKg/dVg combine (LN_G backward: several fp32 tiles of them in registers)
+COMBINE_ROWS = 16
 # dK/dV kernel: what the projection's gradients of what it read (dk_src, dv_src) are added to
 SRC_NONE, SRC_AFTER_LN, SRC_BEFORE_LN = 0, 1, 2
 
@@ -63,10 +67,10 @@ def bwd_config(D, dtype, gpu_tiles=GPU_TILES):
     if dtype == torch.float32:
         if D <= 64:
             return dict(dq=Tiles(32, 16, 8, 2), dkv=Tiles(16, 16, 8, 2), dkv_global=Tiles(16, 16, 8, 2))
-        return dict(dq=Tiles(16, 16, 8, 2), dkv=Tiles(32, 16, 8, 1), dkv_global=Tiles(16, 16, 8, 1))
+        return dict(dq=Tiles(16, 16, 8, 2), dkv=Tiles(32, 16, 8, 1), dkv_global=Tiles(16, 16, 4, 1))
     if D <= 64:
-        return dict(dq=Tiles(64, 32, 4, 2), dkv=Tiles(32, 32, 4, 1), dkv_global=Tiles(32, 32, 4, 2))
-    return dict(dq=Tiles(32, 32, 8, 2), dkv=Tiles(16, 32, 8, 2), dkv_global=Tiles(32, 32, 4, 2))
+        return dict(dq=Tiles(64, 32, 4, 2), dkv=Tiles(32, 32, 4, 1), dkv_global=Tiles(32, 64, 4, 2))
+    return dict(dq=Tiles(32, 32, 8, 2), dkv=Tiles(16, 32, 8, 2), dkv_global=Tiles(32, 32, 8, 2))
 
 
 class Grads(NamedTuple):
@@ -221,7 +225,8 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
     acc = scalars.dtype
     BLOCK_G = block_g(NG, tiles.block_n)
     n_gblk = triton.cdiv(NG, BLOCK_G)
-    n_split = max(1, min(triton.cdiv(N, tiles.block_m), _DKV_GLOBAL_PROGRAMS // (B * H * n_gblk)))
+    n_split = max(1, min(triton.cdiv(N, tiles.block_m), _DKV_GLOBAL_PROGRAMS // (B * H * n_gblk),
+                         _DKV_GLOBAL_SPLITS))
     split_len = triton.cdiv(triton.cdiv(N, n_split), tiles.block_m) * tiles.block_m
     n_split = triton.cdiv(N, split_len)
     dkg_part = torch.empty(n_split, B, H, NG, D, dtype=acc, device=q.device)
@@ -238,15 +243,16 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
     dk_raw = torch.empty(B, H, NG, D, dtype=acc, device=q.device)
     dv_raw = torch.empty_like(dk_raw)
     col_dot = torch.empty(B, H, NG, dtype=acc, device=q.device) if has_col_dot else absent(q.device)
-    dlnw_part = torch.empty(B, H, n_gblk, D, dtype=acc, device=q.device) if ln_global is not None else None
+    n_rows = triton.cdiv(NG, COMBINE_ROWS)
+    dlnw_part = torch.empty(B, H, n_rows, D, dtype=acc, device=q.device) if ln_global is not None else None
     dlnb_part = torch.empty_like(dlnw_part) if ln_global is not None else None
-    _ls_bwd_dkv_global_combine_kernel[(n_gblk, B * H)](
+    _ls_bwd_dkv_global_combine_kernel[(n_rows, B * H)](
         dkg_part, dvg_part, projected.k_raw if has_col_dot else absent(q.device),
         projected.v_raw if has_col_dot else absent(q.device), lnw, scalars, dk_raw, dv_raw, col_dot,
         dlnw_part if dlnw_part is not None else absent(q.device),
         dlnb_part if dlnb_part is not None else absent(q.device),
         n_split, NG, stride_lnh, H,
-        HEAD_DIM=D, HAS_LN=ln_global is not None, HAS_COL_DOT=has_col_dot, BLOCK_G=BLOCK_G, BLOCK_D=block_d(D),
+        HEAD_DIM=D, HAS_LN=ln_global is not None, HAS_COL_DOT=has_col_dot, BLOCK_G=COMBINE_ROWS, BLOCK_D=block_d(D),
         num_warps=4,
     )
     if ln_global is None:

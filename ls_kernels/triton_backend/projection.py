@@ -5,6 +5,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from ..config import HALF_DTYPES
+
 from .args import absent, block_d, ln_params, next_pow2
 from .kernels.projection import _proj_bwd_kernel, _proj_combine_kernel, _proj_partial_kernel
 
@@ -35,10 +37,16 @@ def proj_config(D, r, seg_len):
     return BLOCK_N, BLOCK_R
 
 
-def proj_bwd_config(D, r, seg_len):
-    """(BLOCK_N, BLOCK_R, num_warps) of the projection backward (spill-free on sm_80 and sm_90a)."""
-    BLOCK_N = 32 if seg_len >= 32 and D <= 64 else 16
-    return BLOCK_N, 16, (4 if BLOCK_N == 32 else 8)
+def proj_bwd_config(D, r, seg_len, dtype):
+    """(BLOCK_N, BLOCK_R, num_warps, precision of the fp32 dots) of the projection backward, spill-free on sm_80
+    and sm_90a: fp16/bf16 tensor-core dots take 64 positions (bf16's conversions want 8 warps); fp32 dots are
+    3xTF32 at D <= 64 and IEEE FMA dots in small tiles beyond (3xTF32 would spill there)."""
+    if dtype in HALF_DTYPES:
+        if D <= 64:
+            return (64 if seg_len >= 64 else 16), (32 if r > 16 else 16), (4 if dtype == torch.float16 else 8), \
+                PRECISION
+        return 64, 16, 8, PRECISION
+    return 16, 16, 8, (PRECISION if D <= 64 else "ieee")
 
 
 def _bidirectional_segments(N, programs_per_segment):
@@ -71,10 +79,7 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
         seg_len, n_seg = _bidirectional_segments(N, B * H * n_rblk)
         segs_per_group = n_seg
     NG = n_groups * r
-    part_m = torch.empty(B, H, n_seg, r, dtype=acc, device=device)
-    part_z = torch.empty_like(part_m)
-    part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)
-    part_v = torch.empty_like(part_k)
+    final = segs_per_group == 1  # each segment a whole group: the partial kernel stores the vectors itself
     kg = torch.empty(B, H, NG, D, dtype=k.dtype, device=device)
     vg = torch.empty_like(kg)
     k_raw = torch.empty(B, H, NG, D, dtype=acc, device=device)
@@ -82,25 +87,32 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
     col_lse = torch.empty(B, H, NG, dtype=acc, device=device)
     if NG == 0:
         return Projected(kg, vg, k_raw, v_raw, col_lse)
+    if final:
+        part_m = part_z = part_k = part_v = absent(device)
+    else:
+        part_m = torch.empty(B, H, n_seg, r, dtype=acc, device=device)
+        part_z = torch.empty_like(part_m)
+        part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)
+        part_v = torch.empty_like(part_k)
     lng_w, lng_b, lng_stride = ln_params(ln_global, H, D, acc, device)
-    is_fp64 = acc == torch.float64
     _proj_partial_kernel[(n_seg, n_rblk, B * H)](
         proj, k, v, pad8 if pad8 is not None else absent(device), scalars,
-        part_m, part_z, part_k, part_v,
+        part_m, part_z, part_k, part_v, lng_w, lng_b, kg, vg, k_raw, v_raw, col_lse,
         proj.stride(0), proj.stride(1), proj.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        stride_pad,
+        stride_pad, lng_stride,
         N, H, r, seg_len,
-        HEAD_DIM=D, HAS_PAD=pad8 is not None, IS_FP64=is_fp64, PRECISION=PRECISION,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_global is not None, IS_FP64=acc == torch.float64,
+        PRECISION=PRECISION, FINAL=final, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
     )
-    _proj_combine_kernel[(n_groups, n_rblk, B * H)](
-        part_m, part_z, part_k, part_v, lng_w, lng_b, scalars,
-        kg, vg, k_raw, v_raw, col_lse,
-        H, r, segs_per_group, lng_stride,
-        HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
-    )
+    if not final:
+        _proj_combine_kernel[(n_groups, n_rblk, B * H)](
+            part_m, part_z, part_k, part_v, lng_w, lng_b, scalars,
+            kg, vg, k_raw, v_raw, col_lse,
+            H, r, segs_per_group, lng_stride,
+            HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        )
     return Projected(kg, vg, k_raw, v_raw, col_lse)
 
 
@@ -110,7 +122,7 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
 
     Inputs as projection_forward; projected: its Projected with NG > 0; dk_raw, dv_raw: (B, H, NG, D), contiguous;
     col_dot (B, H, NG): k_raw . dk_raw + v_raw . dv_raw per projected vector.
-    Returns dproj (B, H, N, r) in proj's dtype, dk_src, dv_src (B, H, N, D) in the accumulation dtype, written
+    Returns dproj (B, H, N, r) in proj's dtype, dk_src, dv_src (B, H, N, D) in k's dtype, written
     only at positions below src_len (causal: the last full chunk's end; past it they are zero and never read),
     and src_len.
     """
@@ -122,9 +134,9 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
     src_len = (N // chunk) * chunk if causal else N
     dproj = torch.empty(B, H, N, r, dtype=proj.dtype, device=proj.device)
     dproj[:, :, src_len:].zero_()  # positions past the last full chunk project nothing
-    dk_src = torch.empty(B, H, N, D, dtype=acc, device=k.device)
+    dk_src = torch.empty(B, H, N, D, dtype=k.dtype, device=k.device)  # rounded as dk, dv will be
     dv_src = torch.empty_like(dk_src)
-    BLOCK_N, BLOCK_R, num_warps = proj_bwd_config(D, r, chunk if causal else N)
+    BLOCK_N, BLOCK_R, num_warps, precision = proj_bwd_config(D, r, chunk if causal else N, k.dtype)
     seg_len, n_seg = (chunk, N // chunk) if causal else _bidirectional_segments(N, B * H)
     lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, k.device)
     _proj_bwd_kernel[(n_seg, B * H)](
@@ -137,6 +149,6 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
         stride_pad, lnl_stride,
         N, H, r, seg_len, NG, 1 if causal else 0,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
-        PRECISION=PRECISION, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
+        PRECISION=precision, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
     )
     return dproj, dk_src, dv_src, src_len

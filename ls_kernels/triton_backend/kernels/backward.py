@@ -104,7 +104,7 @@ def _ls_bwd_dkv_kernel(
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous
-    DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, accumulation dtype: the projection's gradients of k_P, v_P
+    DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, k's dtype: the projection's gradients of k_P, v_P
     DK, DV,  # [B, H, N, HEAD_DIM] contiguous, k's dtype
     KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
     DLNW_PART, DLNB_PART,  # [B, H, n_key_blocks, HEAD_DIM]: LN_L weight and bias gradients per key block
@@ -139,9 +139,6 @@ def _ls_bwd_dkv_kernel(
     if HAS_LN:
         k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
         v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
-        if HAS_LOCAL:
-            tl.store(KN + out, k, mask=mask_nd)
-            tl.store(VN + out, v, mask=mask_nd)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
@@ -154,16 +151,25 @@ def _ls_bwd_dkv_kernel(
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base, delta_base = LSE + (off_b * H + off_h) * N, DELTA + (off_b * H + off_h) * N
-        for part in tl.static_range(3):
-            if part == 0:
-                m_start, m_stop = m0, m1
-            elif part == 1:
-                m_start, m_stop = m1, m2
-            else:
-                m_start, m_stop = m2, m3
+        if k.dtype.is_fp16() or k.dtype.is_bf16():  # tensor-core tiles: edge, interior (unmasked), edge runs
+            for part in tl.static_range(3):
+                if part == 0:
+                    m_start, m_stop = m0, m1
+                elif part == 1:
+                    m_start, m_stop = m1, m2
+                else:
+                    m_start, m_stop = m2, m3
+                dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base,
+                                          delta_base, pad_base, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d,
+                                          mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M,
+                                          part != 1)
+        else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
             dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                      pad_base, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d, mask_d, N, HAS_PAD,
-                                      HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
+                                      pad_base, qk_scale, q_lo, q_hi, m0, m3, offs_d, mask_d, N, HAS_PAD,
+                                      HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
+        if HAS_LN:  # after the loop: stored before it, the fp32 kernels spill
+            tl.store(KN + out, k, mask=mask_nd)
+            tl.store(VN + out, v, mask=mask_nd)
         dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past N have no gradient
         dv = tl.where(key_ok[:, None], dv, 0.0)
 
@@ -239,16 +245,22 @@ def _ls_bwd_dkv_global_kernel(
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base, delta_base = LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N
     q_end = tl.zeros([BLOCK_G], tl.int32) + hi
-    for part in tl.static_range(3):
-        if part == 0:
-            m_start, m_stop = m0, m1
-        elif part == 1:
-            m_start, m_stop = m1, m2
-        else:
-            m_start, m_stop = m2, m3
+    if kg.dtype.is_fp16() or kg.dtype.is_bf16():  # tensor-core tiles: edge, interior (unmasked), edge runs
+        for part in tl.static_range(3):
+            if part == 0:
+                m_start, m_stop = m0, m1
+            elif part == 1:
+                m_start, m_stop = m1, m2
+            else:
+                m_start, m_stop = m2, m3
+            dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base,
+                                        delta_base, PAD + off_b * stride_padb, qk_scale, q_first, q_end, m_start,
+                                        m_stop, offs_d, mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION,
+                                        BLOCK_M, part != 1)
+    else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
         dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                    PAD + off_b * stride_padb, qk_scale, q_first, q_end, m_start, m_stop, offs_d,
-                                    mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
+                                    PAD + off_b * stride_padb, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N,
+                                    HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
     dkg = tl.where(g_ok[:, None], dkg * scale, 0.0)  # invisible vectors have no gradient
     dvg = tl.where(g_ok[:, None], dvg, 0.0)
     part_rows = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \

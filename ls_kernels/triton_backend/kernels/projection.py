@@ -23,25 +23,54 @@ from .common import (_batch_head, _dot, _dot_fine, _layer_norm_rows, _load_ln, _
 
 
 @triton.jit
+def _store_group(m_col, z_col, acc_k, acc_v, out_row, offs_d, mask_d, mask_r, LNW, LNB, off_h, stride_lnh, eps, zero,
+                 KG, VG, KRAW, VRAW, COL_LSE, HAS_LN: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A group's projected vectors from its online-softmax state (column max m_col, normaliser z_col [BLOCK_R],
+    unnormalised products acc_k, acc_v [BLOCK_R, BLOCK_D]): P^T k_P, P^T v_P and each column's logsumexp
+    stored at rows out_row of (B, H, NG), then LN_G of them as the attention reads them."""
+    mask_rd = mask_r[:, None] & mask_d[None, :]
+    seen = z_col > 0  # a group whose positions are all padded projects nothing
+    inv_z = tl.where(seen, 1.0 / tl.where(seen, z_col, 1.0), 0.0)
+    k_raw = acc_k * inv_z[:, None]  # [BLOCK_R, BLOCK_D]
+    v_raw = acc_v * inv_z[:, None]
+    out = out_row[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(KRAW + out, k_raw, mask=mask_rd)
+    tl.store(VRAW + out, v_raw, mask=mask_rd)
+    tl.store(COL_LSE + out_row, tl.where(seen, m_col + tl.log(tl.where(seen, z_col, 1.0)), float("inf")),
+             mask=mask_r)
+    if HAS_LN:
+        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
+        k_raw = _layer_norm_rows(k_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
+        v_raw = _layer_norm_rows(v_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
+    tl.store(KG + out, k_raw.to(KG.dtype.element_ty), mask=mask_rd)
+    tl.store(VG + out, v_raw.to(VG.dtype.element_ty), mask=mask_rd)
+
+
+@triton.jit
 def _proj_partial_kernel(
     P,  # [B, H, N, RANK] logits, unit last stride
     K, V,  # [B, H, N, HEAD_DIM], unit last stride: what the projection reads (k, v or LN_L(k), LN_L(v))
     PAD,  # [B, N] int8, nonzero = padding
     SCALARS,  # [4]: _load_scalars
-    PART_M, PART_Z,  # [B, H, n_seg, RANK]: per-segment column max and normaliser
-    PART_K, PART_V,  # [B, H, n_seg, RANK, HEAD_DIM]: per-segment unnormalised P^T k_P, P^T v_P
+    PART_M, PART_Z,  # [B, H, n_seg, RANK]: per-segment column max and normaliser (not FINAL)
+    PART_K, PART_V,  # [B, H, n_seg, RANK, HEAD_DIM]: per-segment unnormalised P^T k_P, P^T v_P (not FINAL)
+    LNW, LNB,  # [H or 1, HEAD_DIM]: LN_G weight and bias (FINAL)
+    KG, VG, KRAW, VRAW, COL_LSE,  # as _proj_combine_kernel's (FINAL)
     stride_pb, stride_ph, stride_pn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # (B, H, N)
-    stride_padb,
+    stride_padb, stride_lnh,
     N, H, RANK, SEG_LEN,
-    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, FINAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One segment's online softmax over its positions. FINAL: the segment is a whole group (a causal chunk,
+    or a sequence of one segment), whose projected vectors are stored here (no combine)."""
     pid_s, pid_r, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_seg = tl.num_programs(0)
     off_b, off_h = _batch_head(pid_bh, H)
     offs_r, mask_r = _tile(pid_r * BLOCK_R, BLOCK_R, RANK)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
-    _, _, zero, _ = _load_scalars(SCALARS)
+    _, eps, zero, _ = _load_scalars(SCALARS)
     m_col = tl.full([BLOCK_R], float("-inf"), tl.float32) + zero  # [BLOCK_R]
     z_col = tl.zeros([BLOCK_R], tl.float32) + zero
     acc_k = tl.zeros([BLOCK_R, BLOCK_D], tl.float32) + zero
@@ -68,13 +97,16 @@ def _proj_partial_kernel(
         acc_k = acc_k * alpha[:, None] + _dot(p_t, k, IS_FP64, PRECISION)
         acc_v = acc_v * alpha[:, None] + _dot(p_t, v, IS_FP64, PRECISION)
         m_col = m_new
-    # partials are contiguous (B, H, S, RANK) and (B, H, S, RANK, HEAD_DIM)
     row = (off_b * H + off_h) * n_seg + pid_s
-    tl.store(PART_M + row * RANK + offs_r, m_col, mask=mask_r)
-    tl.store(PART_Z + row * RANK + offs_r, z_col, mask=mask_r)
-    out = (row * RANK + offs_r.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(PART_K + out, acc_k, mask=mask_r[:, None] & mask_d[None, :])
-    tl.store(PART_V + out, acc_v, mask=mask_r[:, None] & mask_d[None, :])
+    if FINAL:  # the group's vectors are rows row * RANK + offs_r of (B, H, NG)
+        _store_group(m_col, z_col, acc_k, acc_v, row * RANK + offs_r.to(tl.int64), offs_d, mask_d, mask_r, LNW, LNB,
+                     off_h, stride_lnh, eps, zero, KG, VG, KRAW, VRAW, COL_LSE, HAS_LN, HEAD_DIM)
+    else:  # partials are contiguous (B, H, S, RANK) and (B, H, S, RANK, HEAD_DIM)
+        tl.store(PART_M + row * RANK + offs_r, m_col, mask=mask_r)
+        tl.store(PART_Z + row * RANK + offs_r, z_col, mask=mask_r)
+        out = (row * RANK + offs_r.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(PART_K + out, acc_k, mask=mask_r[:, None] & mask_d[None, :])
+        tl.store(PART_V + out, acc_v, mask=mask_r[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -116,22 +148,9 @@ def _proj_combine_kernel(
         acc_k = acc_k * alpha[:, None] + k_s * beta[:, None]
         acc_v = acc_v * alpha[:, None] + v_s * beta[:, None]
         m_col = m_new
-    seen = z_col > 0  # a group whose positions are all padded projects nothing
-    inv_z = tl.where(seen, 1.0 / tl.where(seen, z_col, 1.0), 0.0)
-    k_raw = acc_k * inv_z[:, None]  # [BLOCK_R, BLOCK_D]
-    v_raw = acc_v * inv_z[:, None]
     out_row = pid_bh.to(tl.int64) * n_groups * RANK + pid_g * RANK + offs_r  # row of (B, H, NG)
-    out = out_row[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(KRAW + out, k_raw, mask=mask_rd)
-    tl.store(VRAW + out, v_raw, mask=mask_rd)
-    tl.store(COL_LSE + out_row, tl.where(seen, m_col + tl.log(tl.where(seen, z_col, 1.0)), float("inf")),
-             mask=mask_r)
-    if HAS_LN:
-        ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
-        k_raw = _layer_norm_rows(k_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
-        v_raw = _layer_norm_rows(v_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
-    tl.store(KG + out, k_raw.to(KG.dtype.element_ty), mask=mask_rd)
-    tl.store(VG + out, v_raw.to(VG.dtype.element_ty), mask=mask_rd)
+    _store_group(m_col, z_col, acc_k, acc_v, out_row, offs_d, mask_d, mask_r, LNW, LNB, off_h, stride_lnh, eps, zero,
+                 KG, VG, KRAW, VRAW, COL_LSE, HAS_LN, HEAD_DIM)
 
 
 @triton.jit
@@ -145,7 +164,7 @@ def _proj_bwd_kernel(
     DK_RAW, DV_RAW,  # [B, H, NG, HEAD_DIM] contiguous: gradients of P^T k_P, P^T v_P
     COL_DOT,  # [B, H, NG]: Kraw . dKraw + Vraw . dVraw per column
     DP,  # [B, H, N, RANK] contiguous: gradient of the logits
-    DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous: gradients of k_P, v_P
+    DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, k's dtype: gradients of k_P, v_P
     stride_pb, stride_ph, stride_pn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -203,5 +222,5 @@ def _proj_bwd_kernel(
             dk_src += _dot(prob_in, dk_raw_in, IS_FP64, PRECISION)
             dv_src += _dot(prob_in, dv_raw_in, IS_FP64, PRECISION)
         out = (pid_bh.to(tl.int64) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DK_SRC + out, dk_src, mask=mask_nd)
-        tl.store(DV_SRC + out, dv_src, mask=mask_nd)
+        tl.store(DK_SRC + out, dk_src.to(DK_SRC.dtype.element_ty), mask=mask_nd)
+        tl.store(DV_SRC + out, dv_src.to(DV_SRC.dtype.element_ty), mask=mask_nd)

@@ -140,6 +140,8 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
             g_every = NG
             g_any = NG
         g_interior = (g_every // BLOCK_G) * BLOCK_G  # whole tiles every query sees, then the rest masked
+        if not (q.dtype.is_fp16() or q.dtype.is_bf16()):  # IEEE fp32 / fp64 dots: one masked loop (see below)
+            g_interior = 0
         m_i, l_i, acc = _projected_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, KG + g_base, VG + g_base,
                                          GVIS + off_b * NG, g_lim, 0, g_interior, offs_d, mask_d, HAS_PAD, HEAD_DIM,
                                          EVEN_D, IS_FP64, PRECISION, BLOCK_G, DQ, MASKED=False)
@@ -153,14 +155,20 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
         n0, n1, n2, n3 = _tile_split(first_lo, last_hi, last_lo, first_hi, BLOCK_N)
         k_base, v_base = K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh
         pad_base = PAD + off_b * stride_padb
-        for part in tl.static_range(3):
-            if part == 0:
-                n_start, n_stop = n0, n1
-            elif part == 1:
-                n_start, n_stop = n1, n2
-            else:
-                n_start, n_stop = n2, n3
+        if q.dtype.is_fp16() or q.dtype.is_bf16():  # tensor-core tiles: edge, interior (unmasked), edge runs
+            for part in tl.static_range(3):
+                if part == 0:
+                    n_start, n_stop = n0, n1
+                elif part == 1:
+                    n_start, n_stop = n1, n2
+                else:
+                    n_start, n_stop = n2, n3
+                m_i, l_i, acc = _window_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, k_base, v_base, stride_kn,
+                                              stride_vn, pad_base, offs_m, win_lo, win_hi, n_start, n_stop, offs_d,
+                                              mask_d, N, HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ,
+                                              part != 1)
+        else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
             m_i, l_i, acc = _window_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, k_base, v_base, stride_kn,
-                                          stride_vn, pad_base, offs_m, win_lo, win_hi, n_start, n_stop, offs_d, mask_d,
-                                          N, HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ, part != 1)
+                                          stride_vn, pad_base, offs_m, win_lo, win_hi, n0, n3, offs_d, mask_d, N,
+                                          HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ, True)
     return m_i, l_i, acc
