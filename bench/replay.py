@@ -153,8 +153,9 @@ def runs(pc):
     else:
         seg_len, n_seg = projection._bidirectional_segments(N, BH * n_rblk)
         n_groups = 1
-    part_row = PBR * (2 + 2 * D) * ACC_BYTES  # column max, normaliser and two products
-    out_row = PBR * (2 * row + 2 * acc_row + ACC_BYTES)  # kg, vg, k_raw, v_raw, col_lse
+    ranks = min(r, PBR)  # the rank columns a program stores (masked beyond r)
+    part_row = ranks * (2 + 2 * D) * ACC_BYTES  # column max, normaliser and two products
+    out_row = ranks * (2 * row + 2 * acc_row + ACC_BYTES)  # kg, vg, k_raw, v_raw, col_lse
     final = pc.causal or n_seg == 1  # whole groups: no combine
     per_seg = np.array([[_cdiv(min(seg_len, N - s * seg_len), PBN)] for s in range(n_seg) for _ in range(n_rblk)])
     add(f"_proj_partial_kernel[{'final' if final else 'segment'}]", "forward", dict(BLOCK_N=PBN, BLOCK_R=PBR),

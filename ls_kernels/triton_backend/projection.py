@@ -38,9 +38,10 @@ def proj_config(D, r, seg_len):
 
 
 def proj_bwd_config(D, r, seg_len, dtype):
-    """(BLOCK_N, BLOCK_R, num_warps, precision of the fp32 dots) of the projection backward, spill-free on sm_80
-    and sm_90a: fp16/bf16 tensor-core dots take 64 positions (bf16's conversions want 8 warps); fp32 dots are
-    3xTF32 at D <= 64 and IEEE FMA dots in small tiles beyond (3xTF32 would spill there)."""
+    """(BLOCK_N, BLOCK_R, num_warps, precision of the fp32 dots) of the projection backward, spill-free on
+    sm_90a (sm_80 spills some at the fp16/bf16 tiles: bench/aot_report.py): fp16/bf16 tensor-core dots take 64
+    positions (bf16's conversions want 8 warps); fp32 dots are 3xTF32 at D <= 64 and IEEE FMA dots in small
+    tiles beyond (3xTF32 would spill there)."""
     if dtype in HALF_DTYPES:
         if D <= 64:
             return (64 if seg_len >= 64 else 16), (32 if r > 16 else 16), (4 if dtype == torch.float16 else 8), \
