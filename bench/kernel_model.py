@@ -297,7 +297,7 @@ def main(argv=None):
         r["plain_loop_instructions"] = calibration["loop_instructions"]
     rows = kernel_rows(dtypes, dims, a.dump) if a.dump or not a.json else []
     if a.json:
-        print(json.dumps(results))
+        print(json.dumps(results, default=lambda x: x.item()))  # numpy scalars as Python numbers
         return
     print("Compiled for sm_90a at the default launch configs; loops: instructions per iteration "
           "(tensor-core, MUFU), in code order\n")

@@ -131,7 +131,9 @@ def test_traffic_counter_table():
         total, minimum, ratio = float(r[2]), float(r[3]), float(r[4])
         assert minimum > 0 and total >= minimum and ratio == pytest.approx(total / minimum, abs=0.01)
     assert "ls_fwd_kernel" in rows[0][5] and "ls_bwd_dq_kernel" in rows[1][5]
-    # the PyTorch glue is counted apart: the backward's rowsum(dO * O) alone reads, per token, dO in fp16 and
-    # the fp32 output for H = 2 heads of D = 32: 2 * 32 * (2 + 4) bytes
+    # rowsum(dO * O) runs in a kernel: per token it reads dO in fp16 and the fp32 output for H = 2 heads of
+    # D = 32 and writes delta: 2 * (32 * (2 + 4) + 4) bytes
+    assert f"ls_bwd_delta_kernel {2 * (32 * (2 + 4) + 4)}" in rows[1][5]
+    # the PyTorch glue is counted apart: sums of per-block partials, at most 10% of the minimum
     glue, glue_ratio = float(rows[1][6]), float(rows[1][7])
-    assert glue >= 2 * 32 * (2 + 4) and glue_ratio == pytest.approx(glue / float(rows[1][3]), abs=0.01)
+    assert 0 < glue and glue_ratio <= 0.10 and glue_ratio == pytest.approx(glue / float(rows[1][3]), abs=0.01)
