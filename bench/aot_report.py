@@ -53,7 +53,7 @@ def kernel_specs(dtype, D, pad=True):
     BLOCK_M, BLOCK_N, warps, stages = launch.fwd_config(D, dtype, gpu_tiles=True)
     bwd = launch.bwd_config(D, dtype, gpu_tiles=True)
     rows = launch.ROWS_PER_PROGRAM
-    types = {"K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "KN": t, "VN": t}
+    types = {"K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "KN": t, "VN": t, "LN_STATS": acc}
     const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_N=rows, BLOCK_D=BLOCK_D)
     specs.append(("_ln_local_kernel", prepass_kernels._ln_local_kernel, types, const, 4, 1))
     types = {"O": acc, "DO": t, "PAD": "i8", "DELTA": acc}
@@ -76,7 +76,7 @@ def kernel_specs(dtype, D, pad=True):
 
         bm, bn, w, st = bwd["dkv"]
         types = {"Q": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "DO": t, "LSE": acc,
-                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "KN": t, "VN": t,
+                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "KN": t, "VN": t, "LN_STATS": acc,
                  "DLNW_PART": acc, "DLNB_PART": acc}
         const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
         specs.append((f"_ls_bwd_dkv_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_kernel, types, const, w, st))

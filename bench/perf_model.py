@@ -366,11 +366,10 @@ def glue_bytes(cfg, device="cpu"):
     ln = dict(ln_local=ln_local, ln_global=ln_global)
     with stub_kernels():
         with GlueCounter() as fwd:
-            out, o_acc, lse, projected = launch.forward(q, k, v, cfg=ls_cfg, proj=proj, pad=None, store_acc=True,
-                                                        gpu_tiles=True, **ln)
+            res = launch.forward(q, k, v, cfg=ls_cfg, proj=proj, pad=None, store_acc=True, gpu_tiles=True, **ln)
         with GlueCounter() as bwd:
-            launch.backward(do, q, k, v, cfg=ls_cfg, o=o_acc if o_acc is not None else out, lse=lse,
-                            projected=projected, proj=proj, gpu_tiles=True, **ln)
+            launch.backward(do, q, k, v, cfg=ls_cfg, o=res.o_acc if res.o_acc is not None else res.out, lse=res.lse,
+                            projected=res.projected, ln_stats=res.ln_stats, proj=proj, gpu_tiles=True, **ln)
     return {"forward": fwd.bytes, "backward": bwd.bytes}
 
 

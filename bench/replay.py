@@ -143,8 +143,8 @@ def runs(pc):
 
     # forward: LN_L pre-pass, projection (partials, combine), attention
     rows = launch.ROWS_PER_PROGRAM
-    add("_ln_local_kernel", "forward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [], 4 * rows * row, [],
-        4 * qkv)
+    add("_ln_local_kernel", "forward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
+        rows * (4 * row + 4 * ACC_BYTES), [], 4 * qkv + 4 * BH * N * ACC_BYTES)  # k, v in; LN_L(k), LN_L(v), stats out
     seg = pc.chunk if pc.causal else N
     PBN, PBR = projection.proj_config(D, r, seg)
     n_rblk = _cdiv(r, PBR)
@@ -207,10 +207,10 @@ def runs(pc):
     iters = _dkv_iters(cfg, N, t.block_m, t.block_n)
     add(f"_ls_bwd_dkv_kernel[{mode}]", "backward", dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n),
         ["edge", "interior", "edge"], iters, [t.block_m * (2 * row + 2 * ACC_BYTES)] * 3,
-        t.block_n * 10 * row + 2 * acc_row, [8 * t.block_m * t.block_n * block_d(D)] * 3,
-        # q, dO, logsumexp and delta; k, v (read twice, the second time from L2); LN_L(k), LN_L(v) written;
-        # the projection's gradients; dk, dv
-        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv + 2 * qkv + 2 * qkv)
+        t.block_n * (10 * row + 4 * ACC_BYTES) + 2 * acc_row, [8 * t.block_m * t.block_n * block_d(D)] * 3,
+        # q, dO, logsumexp and delta; k, v (read twice, the second time from L2) and their LN_L statistics;
+        # LN_L(k), LN_L(v) written; the projection's gradients; dk, dv
+        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 4 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv + 2 * qkv)
     t = tiles["dq"]
     DBG = block_g(NG, t.block_n)
     iters = _attention_iters(cfg, N, NG, t.block_m, t.block_n, DBG)

@@ -90,14 +90,14 @@ def measure(preset, N, dtype, batch=1):
               proj=proj, ln_local=ln(), ln_global=ln(), gpu_tiles=True)
     COUNT.clear()
     with _CountGlue():
-        out, _, _, _ = triton_backend.forward(q, k, v, **kw)  # inference: no fp32 copy of O
+        out = triton_backend.forward(q, k, v, **kw).out  # inference: no fp32 copy of O
     fwd = dict(COUNT)
-    out, o_acc, lse, projected = triton_backend.forward(q, k, v, store_acc=True, **kw)
+    res = triton_backend.forward(q, k, v, store_acc=True, **kw)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     COUNT.clear()
     with _CountGlue():
-        grads = triton_backend.backward(dout, q, k, v, o=o_acc if o_acc is not None else out, lse=lse,
-                                        projected=projected, **kw)
+        grads = triton_backend.backward(dout, q, k, v, o=res.o_acc if res.o_acc is not None else res.out,
+                                        lse=res.lse, projected=res.projected, ln_stats=res.ln_stats, **kw)
     bwd = dict(COUNT)
     return {"forward": (fwd, nbytes(q, k, v, proj, out)),
             "backward": (bwd, nbytes(q, k, v, proj, dout, grads.q, grads.k, grads.v, grads.proj))}

@@ -181,6 +181,7 @@ class _AttentionSaved(NamedTuple):
     k_raw: Tensor
     v_raw: Tensor
     col_lse: Tensor
+    ln_stats: Tensor
     lnl_w: Optional[Tensor]
     lnl_b: Optional[Tensor]
     lng_w: Optional[Tensor]
@@ -193,17 +194,18 @@ def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor]
                          lnl_b: Optional[Tensor], lng_w: Optional[Tensor], lng_b: Optional[Tensor],
                          key_padding_mask: Optional[Tensor], window: int, causal: bool, chunk: int,
                          project_after_ln: bool, scale: float, eps: float, store_acc: bool
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty), lse, and the
-    projection's kg, vg, k_raw, v_raw, col_lse."""
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty), lse, the
+    projection's kg, vg, k_raw, v_raw, col_lse, and the LN_L row statistics (empty without LN_L)."""
     cfg = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps)
     with no_autocast(q):
-        out, o_acc, lse, projected = triton_backend.forward(
-            q, k, v, cfg=cfg, proj=proj, ln_local=_pair(lnl_w, lnl_b), ln_global=_pair(lng_w, lng_b),
-            pad=key_padding_mask, store_acc=store_acc)
-    o_acc = o_acc.contiguous() if o_acc is not None else _empty(lse)
+        fwd = triton_backend.forward(q, k, v, cfg=cfg, proj=proj, ln_local=_pair(lnl_w, lnl_b),
+                                     ln_global=_pair(lng_w, lng_b), pad=key_padding_mask, store_acc=store_acc)
+    o_acc = fwd.o_acc.contiguous() if fwd.o_acc is not None else _empty(fwd.lse)
+    ln_stats = fwd.ln_stats if fwd.ln_stats is not None else _empty(fwd.lse)
     # the window-only forward shares one empty tensor between the projected outputs: ops return no aliases
-    return (out.contiguous(), o_acc, lse, *(x.clone() if proj is None else x for x in projected))
+    return (fwd.out.contiguous(), o_acc, fwd.lse, *(x.clone() if proj is None else x for x in fwd.projected),
+            ln_stats)
 
 
 @attention_triton_fwd.register_fake
@@ -215,29 +217,32 @@ def _(q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, key_padding_mask, window, causa
     new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
     o_acc = new(B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else new(0)
     projected_kv = q.new_empty((B, H, NG, D), dtype=triton_backend.kernel_dtype(q.dtype))  # kg, vg
+    uses_ln = lnl_w is not None and (window > 0 or (proj is not None and project_after_ln))
     return (q.new_empty(q.shape), o_acc, new(B, H, N), projected_kv, projected_kv.clone(), new(B, H, NG, D),
-            new(B, H, NG, D), new(B, H, NG))
+            new(B, H, NG, D), new(B, H, NG), new(4, B, H, N) if uses_ln else new(0))
 
 
 @torch.library.custom_op("ls_kernels::attention_triton_bwd", mutates_args=())
 def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor], out: Tensor,
                          o_acc: Tensor, lse: Tensor, kg: Tensor, vg: Tensor, k_raw: Tensor, v_raw: Tensor,
-                         col_lse: Tensor, lnl_w: Optional[Tensor], lnl_b: Optional[Tensor], lng_w: Optional[Tensor],
-                         lng_b: Optional[Tensor], key_padding_mask: Optional[Tensor], window: int, causal: bool,
-                         chunk: int, project_after_ln: bool, scale: float, eps: float
+                         col_lse: Tensor, ln_stats: Tensor, lnl_w: Optional[Tensor], lnl_b: Optional[Tensor],
+                         lng_w: Optional[Tensor], lng_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                         window: int, causal: bool, chunk: int, project_after_ln: bool, scale: float, eps: float
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps)
     like = (q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b)
     with _autograd_dispatch(), no_autocast(q):
         grads = triton_backend.backward(
             grad_out.to(q.dtype), q, k, v, cfg=cfg, o=o_acc if o_acc.numel() > 0 else out, lse=lse,
-            projected=Projected(kg, vg, k_raw, v_raw, col_lse), proj=proj, ln_local=_pair(lnl_w, lnl_b),
+            projected=Projected(kg, vg, k_raw, v_raw, col_lse),
+            ln_stats=ln_stats if ln_stats.numel() > 0 else None, proj=proj, ln_local=_pair(lnl_w, lnl_b),
             ln_global=_pair(lng_w, lng_b), pad=key_padding_mask)
     return _grads_out(grads[:8], like)
 
 
 @attention_triton_bwd.register_fake
-def _(grad_out, q, k, v, proj, out, o_acc, lse, kg, vg, k_raw, v_raw, col_lse, lnl_w, lnl_b, lng_w, lng_b, *args):
+def _(grad_out, q, k, v, proj, out, o_acc, lse, kg, vg, k_raw, v_raw, col_lse, ln_stats, lnl_w, lnl_b, lng_w, lng_b,
+      *args):
     return _fake_grads((q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b))
 
 
@@ -315,9 +320,9 @@ def projected_triton_fwd(q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor
                          scale: float, store_acc: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty) and lse."""
     with no_autocast(q):
-        out, o_acc, lse, _ = triton_backend.forward(q, k, v, cfg=_projected_cfg(window, causal, chunk, rank, scale),
-                                                    kg=kg, vg=vg, pad=key_padding_mask, store_acc=store_acc)
-    return out.contiguous(), (o_acc.contiguous() if o_acc is not None else _empty(lse)), lse
+        fwd = triton_backend.forward(q, k, v, cfg=_projected_cfg(window, causal, chunk, rank, scale), kg=kg, vg=vg,
+                                     pad=key_padding_mask, store_acc=store_acc)
+    return fwd.out.contiguous(), (fwd.o_acc.contiguous() if fwd.o_acc is not None else _empty(fwd.lse)), fwd.lse
 
 
 @projected_triton_fwd.register_fake

@@ -113,20 +113,33 @@ def _given(kg, vg, acc, like):
 
 
 def _local_keys(k, v, *, needed, ln_local, pad8, stride_pad, scalars):
-    """LN_L(k), LN_L(v) in k's dtype, written once by _ln_local_kernel (when needed, by the window or by the
-    projection), or k, v themselves without LN_L."""
+    """(kn, vn, ln_stats): LN_L(k), LN_L(v) in k's dtype, written once by _ln_local_kernel (when needed, by the
+    window or by the projection), with each row's statistics (4, B, H, N) (k's means, k's rstd, v's means, v's
+    rstd) in the accumulation dtype for the backward; or k, v themselves and None without LN_L."""
     if ln_local is None or not needed:
-        return k, v
+        return k, v, None
     B, H, N, D = k.shape
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, k.device)
     kn = torch.empty(B, H, N, D, dtype=k.dtype, device=k.device)
     vn = torch.empty_like(kn)
+    ln_stats = torch.empty(4, B, H, N, dtype=scalars.dtype, device=k.device)
     _ln_local_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), B * H)](
-        k, v, pad8 if pad8 is not None else absent(k.device), lnw, lnb, scalars, kn, vn,
+        k, v, pad8 if pad8 is not None else absent(k.device), lnw, lnb, scalars, kn, vn, ln_stats,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_pad, stride_lnh,
         H, N, HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_N=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
     )
-    return kn, vn
+    return kn, vn, ln_stats
+
+
+class Forward(NamedTuple):
+    """``forward``'s results: out (B, H, N, D) in q's dtype; o_acc, the fp32 output when kept for the backward
+    (else None); lse (B, H, N) (+inf where a query sees nothing); the Projected the backward needs; ln_stats
+    (4, B, H, N), the LN_L row statistics the backward needs (None without LN_L)."""
+    out: torch.Tensor
+    o_acc: Optional[torch.Tensor]
+    lse: torch.Tensor
+    projected: Projected
+    ln_stats: Optional[torch.Tensor]
 
 
 def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
@@ -137,10 +150,7 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     cfg.project_after_ln, then LN_G); or kg, vg (B, H, NG, D): projected keys and values as given; or
     neither: window only. ln_local, ln_global: (weight, bias) of (D,) or (H, D), or None; pad (B, N) bool.
     store_acc: also keep the output unrounded (fp32) for the backward; with fp16/bf16 outputs,
-    rowsum(dO * O) from the rounded O is the backward's largest error.
-
-    Returns out (B, H, N, D) in q's dtype, o_acc (the fp32 output when store_acc and q is fp16/bf16, else
-    None), lse (B, H, N) (+inf where a query sees nothing) and the Projected the backward needs.
+    rowsum(dO * O) from the rounded O is the backward's largest error. Returns a Forward.
     """
     dtype = q.dtype
     q, k, v = _kernel_tensors(q, k, v)
@@ -150,7 +160,7 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     acc = scalars.dtype
     pad8, stride_pad = pad_int8(pad)
     reads_ln = proj is not None and cfg.project_after_ln  # the projection reads LN_L(k), LN_L(v)
-    kn, vn = _local_keys(k, v, needed=cfg.window > 0 or reads_ln, ln_local=ln_local, pad8=pad8,
+    kn, vn, ln_stats = _local_keys(k, v, needed=cfg.window > 0 or reads_ln, ln_local=ln_local, pad8=pad8,
                          stride_pad=stride_pad, scalars=scalars)
     if proj is not None:
         projected = projection_forward(proj=_kernel_proj(proj, acc), k=kn if reads_ln else k,
@@ -175,7 +185,8 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), BLOCK_D=block_d(D),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return out.to(dtype), (o_acc if keep_acc else None), lse, projected
+    return Forward(out=out.to(dtype), o_acc=o_acc if keep_acc else None, lse=lse, projected=projected,
+                   ln_stats=ln_stats)
 
 
 def _common(q, cfg, tiles):
@@ -261,8 +272,8 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
     return dk_raw, dv_raw, col_dot, dlnw_part.sum(dims), dlnb_part.sum(dims)
 
 
-def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, scalars, dk_src, dv_src, src_mode, src_len,
-         tiles):
+def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, ln_stats, scalars, dk_src, dv_src, src_mode,
+         src_len, tiles):
     """Window dK, dV (k's dtype) by _ls_bwd_dkv_kernel, with the LN_L backward and the projection's gradients
     dk_src, dv_src (below src_len) added (src_mode). Returns dk, dv, the window keys and values as the forward
     read them (LN_L(k), LN_L(v) written by the kernel, or k, v) and the per-block LN_L weight and bias gradient
@@ -273,27 +284,32 @@ def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, scalars, d
     n_kblk = triton.cdiv(N, tiles.block_n)  # programs own BLOCK_N keys, visit BLOCK_M queries at a time
     dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)  # contiguous: the kernel indexes it so
     dv = torch.empty_like(dk)
-    writes_ln = ln_local is not None and cfg.window > 0
+    writes_ln = ln_stats is not None and cfg.window > 0
     kn, vn = (torch.empty_like(dk), torch.empty_like(dk)) if writes_ln else (k, v)
     dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=q.device)
     dlnb_part = torch.empty_like(dlnw_part)
     _ls_bwd_dkv_kernel[(n_kblk, H, B)](
         q, k, v, pad8 if pad8 is not None else absent(q.device), lnw, lnb, scalars, do, lse, delta,
         dk_src if dk_src is not None else absent(q.device), dv_src if dv_src is not None else absent(q.device),
-        dk, dv, kn, vn, dlnw_part, dlnb_part,
+        dk, dv, kn, vn, ln_stats if ln_stats is not None else absent(q.device), dlnw_part, dlnb_part,
         *bhn_strides(q, k, v, do), stride_pad, stride_lnh,
         H, N, cfg.window, cfg.half_width, src_len,
-        HAS_LOCAL=cfg.window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_local is not None,
+        HAS_LOCAL=cfg.window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_stats is not None,
         BLOCK_N=tiles.block_n, **_common(q, cfg, tiles),
     )
     return dk, dv, kn, vn, dlnw_part, dlnb_part
 
 
-def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, proj=None, kg=None, vg=None, ln_local=None,
-             ln_global=None, pad=None, gpu_tiles=GPU_TILES):
-    """Gradients of ``forward``'s inputs: o is its o_acc (or its out), lse and projected what it returned (with
-    proj), or kg, vg the projected keys and values it was given. Returns Grads: with proj, the gradients of
+def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, ln_stats=None, proj=None, kg=None, vg=None,
+             ln_local=None, ln_global=None, pad=None, gpu_tiles=GPU_TILES):
+    """Gradients of ``forward``'s inputs: o is its o_acc (or its out), lse, projected and ln_stats what it
+    returned (projected with proj; ln_stats with ln_local), or kg, vg the projected keys and values it was
+    given. Returns Grads: with proj, the gradients of
     proj and of the LayerNorm parameters; with kg, vg given, those of kg and vg."""
+    uses_ln = ln_local is not None and (cfg.window > 0 or (proj is not None and cfg.project_after_ln))
+    if uses_ln != (ln_stats is not None):
+        raise ValueError(f"ln_stats: forward's LN_L statistics are needed exactly when LN_L is used "
+                         f"(here {uses_ln}), got {None if ln_stats is None else tuple(ln_stats.shape)}")
     q, k, v, do = _kernel_tensors(q, k, v, do)
     B, H, N, D = q.shape
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
@@ -326,11 +342,14 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, proj=None, k
         grads["proj"] = torch.zeros_like(proj)
 
     src_mode = SRC_NONE if dk_src is None else (SRC_AFTER_LN if cfg.project_after_ln else SRC_BEFORE_LN)
-    dk, dv, kw, vw, dlnw_part, dlnb_part = _dkv(q, k, v, do, lse, delta, ln_local=ln_local, dk_src=dk_src,
-                                                dv_src=dv_src, src_mode=src_mode, src_len=src_len,
+    dk, dv, kw, vw, dlnw_part, dlnb_part = _dkv(q, k, v, do, lse, delta, ln_local=ln_local, ln_stats=ln_stats,
+                                                dk_src=dk_src, dv_src=dv_src, src_mode=src_mode, src_len=src_len,
                                                 tiles=tiles["dkv"], **where)
-    if ln_local is not None:
+    if ln_stats is not None:
         dims = (0, 2) if ln_local[0].dim() == 2 else (0, 1, 2)
         grads.update(ln_local_weight=dlnw_part.sum(dims), ln_local_bias=dlnb_part.sum(dims))
+    elif ln_local is not None:  # LN_L unused (no window, the projection reads raw k, v)
+        grads.update(ln_local_weight=torch.zeros_like(ln_local[0], dtype=acc),
+                     ln_local_bias=torch.zeros_like(ln_local[1], dtype=acc))
     dq = _dq(q, kw, vw, do, lse, delta, projected=projected, gvis=gvis, tiles=tiles["dq"], **where)
     return Grads(q=dq, k=dk, v=dv, **grads)

@@ -6,8 +6,8 @@ block sees whole run unmasked. No atomics: deterministic."""
 import triton
 import triton.language as tl
 
-from .common import (_batch_head, _dot, _exp, _layer_norm_rows, _layer_norm_rows_bwd, _load_ln, _load_rows,
-                     _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _tile)
+from .common import (_affine_rows, _batch_head, _dot, _exp, _layer_norm_rows_bwd, _load_ln, _load_ln_stats,
+                     _load_rows, _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _tile)
 from .visibility import _query_bounds, _tile_split, _visit_keys
 
 
@@ -107,6 +107,7 @@ def _ls_bwd_dkv_kernel(
     DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, k's dtype: the projection's gradients of k_P, v_P
     DK, DV,  # [B, H, N, HEAD_DIM] contiguous, k's dtype
     KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
+    LN_STATS,  # [4, B, H, N] contiguous, accumulation dtype: the forward's _ln_local_kernel row statistics
     DLNW_PART, DLNB_PART,  # [B, H, n_key_blocks, HEAD_DIM]: LN_L weight and bias gradients per key block
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -134,11 +135,14 @@ def _ls_bwd_dkv_kernel(
     k = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
     v = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
-    out = ((off_b * H + off_h) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+    row = (off_b * H + off_h) * N + offs_n.to(tl.int64)  # [BLOCK_N]
+    out = row[:, None] * HEAD_DIM + offs_d[None, :]
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    if HAS_LN:
-        k = _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
-        v = _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(Q.dtype.element_ty)
+    if HAS_LN:  # the forward's statistics: no reductions here
+        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n,
+                                                            tl.num_programs(2).to(tl.int64) * H * N)
+        k = _affine_rows(k + zero, k_mean, k_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
+        v = _affine_rows(v + zero, v_mean, v_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
@@ -177,11 +181,9 @@ def _ls_bwd_dkv_kernel(
     if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
         dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
-    if HAS_LN:  # statistics recomputed here rather than held in registers through the loop
-        k_hat, k_rstd = _normalize_rows(_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) + zero,
-                                        mask_d, eps, HEAD_DIM)
-        v_hat, v_rstd = _normalize_rows(_load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d) + zero,
-                                        mask_d, eps, HEAD_DIM)
+    if HAS_LN:  # x_hat reloaded rather than held in registers through the loop
+        k_hat = (_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) - k_mean[:, None]) * k_rstd[:, None]
+        v_hat = (_load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d) - v_mean[:, None]) * v_rstd[:, None]
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
         tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
         tl.store(DLNB_PART + part, tl.sum(dk + dv, axis=0), mask=mask_d)

@@ -122,25 +122,61 @@ def _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN: tl.const
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _sum_pair(a, b, axis: tl.constexpr):
+    """(sum of a, sum of b) along axis in one reduction (one round of shuffles and barriers for both)."""
+    return tl.reduce((a, b), axis, _add_pair)
+
+
+@triton.jit
+def _row_stats(x, mask_d, eps, HEAD_DIM: tl.constexpr):
+    """(mean, rstd) [R] of each row of x [R, BLOCK_D] over its first HEAD_DIM columns (zeros beyond), in two
+    passes (no cancellation)."""
+    mean = tl.sum(x, axis=1) / HEAD_DIM
+    xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)
+
+
+@triton.jit
 def _normalize_rows(x, mask_d, eps, HEAD_DIM: tl.constexpr):
     """(x_hat, rstd) of each row of x [R, BLOCK_D] over its first HEAD_DIM columns (zeros beyond)."""
-    xc = tl.where(mask_d[None, :], x - tl.sum(x, axis=1)[:, None] / HEAD_DIM, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / HEAD_DIM + eps)  # [R]
-    return xc * rstd[:, None], rstd
+    mean, rstd = _row_stats(x, mask_d, eps, HEAD_DIM)
+    return tl.where(mask_d[None, :], (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
+def _affine_rows(x, mean, rstd, weight, bias):
+    """LayerNorm of the rows of x [R, BLOCK_D] from their statistics mean, rstd [R]: every kernel that
+    normalises rows with given statistics computes it this way, so that they agree bit for bit (zero beyond the
+    head dim, where weight and bias are)."""
+    return (x - mean[:, None]) * rstd[:, None] * weight[None, :] + bias[None, :]
+
+
+@triton.jit
+def _load_ln_stats(LN_STATS, row, mask, plane):  # LN_STATS: [4, B, H, N], planes `plane` elements apart
+    """(k mean, k rstd, v mean, v rstd) [R] of rows `row` (flat (b, h, n) indices), zeros outside mask."""
+    return (tl.load(LN_STATS + row, mask=mask, other=0.0), tl.load(LN_STATS + plane + row, mask=mask, other=0.0),
+            tl.load(LN_STATS + 2 * plane + row, mask=mask, other=0.0),
+            tl.load(LN_STATS + 3 * plane + row, mask=mask, other=0.0))
 
 
 @triton.jit
 def _layer_norm_rows(x, weight, bias, mask_d, eps, HEAD_DIM: tl.constexpr):
     """LayerNorm of each row of x [R, BLOCK_D] over its first HEAD_DIM columns."""
-    x_hat, _ = _normalize_rows(x, mask_d, eps, HEAD_DIM)
-    return x_hat * weight[None, :] + bias[None, :]
+    mean, rstd = _row_stats(x, mask_d, eps, HEAD_DIM)
+    return _affine_rows(x, mean, rstd, weight, bias)
 
 
 @triton.jit
 def _layer_norm_rows_bwd(g, x_hat, rstd, HEAD_DIM: tl.constexpr):
-    """dx of y = x_hat * w + b given g = dy * w: rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
-    return rstd[:, None] * (g - tl.sum(g, axis=1)[:, None] / HEAD_DIM
-                            - x_hat * tl.sum(g * x_hat, axis=1)[:, None] / HEAD_DIM)
+    """dx of y = x_hat * w + b given g = dy * w (zero beyond the head dim, so x_hat there does not matter):
+    rstd * (g - mean(g) - x_hat * mean(g * x_hat))."""
+    sum_g, sum_gx = _sum_pair(g, g * x_hat, 1)
+    return rstd[:, None] * (g - sum_g[:, None] / HEAD_DIM - x_hat * sum_gx[:, None] / HEAD_DIM)
 
 
 @triton.jit

@@ -1,9 +1,10 @@
 """The forward's LN_L pre-pass: LN_L(k) and LN_L(v) written once in q's dtype, so that the attention kernels
-read the window keys and values as stored instead of normalising every tile they visit."""
+read the window keys and values as stored instead of normalising every tile they visit, and each row's mean
+and rstd, so that the backward normalises without reductions."""
 import triton
 import triton.language as tl
 
-from .common import _batch_head, _layer_norm_rows, _load_ln, _load_rows, _load_scalars, _real_rows, _tile
+from .common import _affine_rows, _batch_head, _load_ln, _load_rows, _load_scalars, _real_rows, _row_stats, _tile
 
 
 @triton.jit
@@ -13,6 +14,7 @@ def _ln_local_kernel(
     LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
     SCALARS,  # [4]: _load_scalars
     KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) (LN_L of zeros at padded positions)
+    LN_STATS,  # [4, B, H, N] contiguous, accumulation dtype: k's row means, k's rstd, v's means, v's rstd
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, stride_lnh,
     H, N,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
@@ -28,10 +30,16 @@ def _ln_local_kernel(
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, True)
     rows_ok = _real_rows(PAD + off_b * stride_padb, offs_n, mask_n, HAS_PAD)  # [BLOCK_N]
     k = _load_rows(K + off_b * stride_kb + off_h * stride_kh, offs_n, stride_kn, rows_ok, offs_d, mask_d)
-    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, rows_ok, offs_d, mask_d)
-    out = (pid_bh.to(tl.int64) * N + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
+    row = pid_bh.to(tl.int64) * N + offs_n  # [BLOCK_N]
+    out = row[:, None] * HEAD_DIM + offs_d[None, :]
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    tl.store(KN + out, _layer_norm_rows(k + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(KN.dtype.element_ty),
-             mask=mask_nd)
-    tl.store(VN + out, _layer_norm_rows(v + zero, ln_w, ln_b, mask_d, eps, HEAD_DIM).to(VN.dtype.element_ty),
-             mask=mask_nd)
+    plane = tl.num_programs(1).to(tl.int64) * N
+    k_mean, k_rstd = _row_stats(k + zero, mask_d, eps, HEAD_DIM)
+    tl.store(KN + out, _affine_rows(k + zero, k_mean, k_rstd, ln_w, ln_b).to(KN.dtype.element_ty), mask=mask_nd)
+    tl.store(LN_STATS + row, k_mean, mask=mask_n)
+    tl.store(LN_STATS + plane + row, k_rstd, mask=mask_n)
+    v = _load_rows(V + off_b * stride_vb + off_h * stride_vh, offs_n, stride_vn, rows_ok, offs_d, mask_d)
+    v_mean, v_rstd = _row_stats(v + zero, mask_d, eps, HEAD_DIM)
+    tl.store(VN + out, _affine_rows(v + zero, v_mean, v_rstd, ln_w, ln_b).to(VN.dtype.element_ty), mask=mask_nd)
+    tl.store(LN_STATS + 2 * plane + row, v_mean, mask=mask_n)
+    tl.store(LN_STATS + 3 * plane + row, v_rstd, mask=mask_n)
