@@ -83,3 +83,17 @@ def test_nothing_to_attend_message_names_window_and_proj(causal):
 def test_shape_error_reports_the_shape_it_got():
     with pytest.raises(ValueError, match=r"k.*\(2, 3, 11, 8\)"):
         ls_attention(**good(k=t(B, H, N + 1, D)))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["ln_stats-missing", "ln_stats-unneeded"])
+def test_backend_backward_checks_ln_stats(given):
+    """The Triton backward needs the forward's LN_L statistics exactly when LN_L is used: a missing or
+    unexpected one is a ValueError naming ln_stats, never a kernel reading garbage."""
+    from ls_kernels.config import LSConfig
+    from ls_kernels.triton_backend import backward
+
+    cfg = LSConfig(window=4 if not given else 0, causal=False, chunk=4, rank=R, scale=D ** -0.5)
+    q = torch.randn(B, H, N, D)
+    with pytest.raises(ValueError, match="ln_stats"):
+        backward(torch.randn(B, H, N, D), q, q, q, cfg=cfg, o=q, lse=torch.zeros(B, H, N),
+                 ln_stats=torch.zeros(4, B, H, N) if given else None, ln_local=(t(D), t(D)) if not given else None)
