@@ -238,10 +238,10 @@ def test_glue_bytes_count_the_ops_between_stubbed_kernels(monkeypatch):
         assert cfg.scale == pytest.approx(GLUE_CFG.dim ** -0.5) and cfg.project_after_ln and not cfg.causal
         _fill_ones[(1,)](flag, 16, BLOCK=16)
         out = q + k
-        return out, None, "lse", "projected"
+        return launch.Forward(out=out, o_acc=None, lse="lse", projected="projected", ln_stats="ln_stats")
 
-    def backward(do, q, k, v, *, cfg, o, lse, projected, proj, ln_local, ln_global, gpu_tiles):
-        assert do.shape == shape and (lse, projected) == ("lse", "projected")
+    def backward(do, q, k, v, *, cfg, o, lse, projected, ln_stats, proj, ln_local, ln_global, gpu_tiles):
+        assert do.shape == shape and (lse, projected, ln_stats) == ("lse", "projected", "ln_stats")
         seen["o"] = o
         return do * o
 
