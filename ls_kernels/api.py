@@ -46,14 +46,19 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
 
     Args:
         q, k, v: (B, H, N, D) queries, keys and values, one dtype (fp16, bf16, fp32 or fp64), any strides.
-        proj: (B, H, N, r) dynamic-projection logits (any float dtype), or None for window-only attention.
+            Causal calls may give keys beyond the queries: k, v (B, H, Nk, D) with Nk >= N, the queries
+            being the last N positions (query i at t = Nk - N + i, bottom-right aligned); windows and chunks
+            are counted in key positions from 0. The window work is then that of Nk queries (the first
+            Nk - N rows are computed as zero queries and dropped); ``ls_decode`` serves token-by-token
+            generation.
+        proj: (B, H, Nk, r) dynamic-projection logits (any float dtype), or None for window-only attention.
         window: w >= 0, local segment size (bidirectional) or band width (causal); 0 = projection only;
             any w >= N acts as w = N.
         causal: bidirectional (False) or autoregressive (True).
         chunk: l >= 1, causal only: positions projected together; a query sees chunks before its own.
         ln_local, ln_global: (weight, bias) of LN_L and LN_G, each (D,) or (H, D), or None (no norm).
         project_after_ln: the projection reads LN_L(k), LN_L(v) (True) or raw k, v (False).
-        key_padding_mask: (B, N) bool, True = padding; padded tokens are never attended to or projected,
+        key_padding_mask: (B, Nk) bool, True = padding; padded tokens are never attended to or projected,
             what they hold never matters, and their output rows are zero.
         scale: score scale (a real number), default 1 / sqrt(D).
         eps: LayerNorm epsilon.
@@ -68,8 +73,15 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
     lnl = ln_local if ln_local is not None else (None, None)
     lng = ln_global if ln_global is not None else (None, None)
     tensors = (q, k, v, proj, *lnl, *lng)
-    if q.numel() == 0:
+    if q.numel() == 0 or k.shape[2] == 0:
         return _empty_output(q, tensors)
+    n_before = k.shape[2] - q.shape[2]
+    if n_before > 0:  # keys beyond the queries: zero queries at the first positions, their rows dropped below
+        q = torch.cat([q.new_zeros(*q.shape[:2], n_before, q.shape[3]), q], dim=2)
+        return ls_attention(q, k, v, proj, window=cfg.window, causal=True, chunk=cfg.chunk, ln_local=ln_local,
+                            ln_global=ln_global, project_after_ln=cfg.project_after_ln,
+                            key_padding_mask=key_padding_mask, scale=cfg.scale, eps=cfg.eps,
+                            backend="triton" if triton else "torch")[:, :, n_before:]
     args = (*tensors, key_padding_mask, cfg.window, cfg.causal, cfg.chunk, cfg.project_after_ln, cfg.scale, cfg.eps)
     if triton:
         return ops.attention_triton_fwd(*args, _needs_grad(tensors))[0]

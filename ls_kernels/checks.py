@@ -51,7 +51,10 @@ def _check_ln(name, ln, H, D, q):
         raise ValueError(f"{name} weight and bias shapes differ: {tuple(ln[0].shape)} vs {tuple(ln[1].shape)}")
 
 
-def _check_qkv(q, k, v, names=("q", "k", "v")):
+def _check_qkv(q, k, v, names=("q", "k", "v"), longer_keys=None):
+    """q, k, v: rank 4, one float dtype and device; k and v of q's shape, or with longer_keys (causal
+    ls_attention) of shape (B, H, Nk, D) with Nk >= q's N (False: a bidirectional ls_attention, which
+    says so when the lengths differ; None: the rule does not apply)."""
     for name, x in zip(names, (q, k, v)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -59,9 +62,17 @@ def _check_qkv(q, k, v, names=("q", "k", "v")):
             raise ValueError(f"{name} must have rank 4 (B, H, N, D), got {_describe(x)}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
+    B, H, N, D = q.shape
+    if longer_keys and k.shape[2] >= N and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D):
+        expected, rule = k.shape, f"(B, H, Nk, D) = ({B}, {H}, Nk >= {N}, {D}) like {names[1]}"
+    else:
+        expected = q.shape
+        rule = f"the shape of {names[0]} {tuple(q.shape)}" + (
+            " (causal calls also take keys beyond the queries: (B, H, Nk >= N, D))" if longer_keys else
+            " (only causal calls take keys beyond the queries, Nk > N)" if longer_keys is False else "")
     for name, x in zip(names[1:], (k, v)):
-        if x.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of {names[0]} {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.shape != expected:
+            raise ValueError(f"{name} must have {rule}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise ValueError(f"{name} must have the dtype of {names[0]} ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
@@ -70,8 +81,9 @@ def _check_qkv(q, k, v, names=("q", "k", "v")):
         raise ValueError(f"{names[0]} must have a head dim D >= 1, got {_describe(q)}")
 
 
-def _check_proj(proj, q):
-    B, H, N, _ = q.shape
+def _check_proj(proj, k):
+    """proj: (B, H, N, r) over k's positions."""
+    B, H, N, _ = k.shape
     if not isinstance(proj, torch.Tensor):
         raise ValueError(f"proj must be None or a torch.Tensor, got {type(proj).__name__}")
     if proj.dim() != 4 or tuple(proj.shape[:3]) != (B, H, N) or proj.shape[3] < 1:
@@ -79,8 +91,8 @@ def _check_proj(proj, q):
                          f"got {tuple(proj.shape)}")
     if proj.dtype not in FLOAT_DTYPES:
         raise ValueError(f"proj must be a float tensor, got dtype {proj.dtype}")
-    if proj.device != q.device:
-        raise ValueError(f"proj is on {proj.device} but q is on {q.device}")
+    if proj.device != k.device:
+        raise ValueError(f"proj is on {proj.device} but q is on {k.device}")
 
 
 def _check_window(window):
@@ -89,10 +101,11 @@ def _check_window(window):
     return _check_int("window", window, 0)
 
 
-def _check_mask(key_padding_mask, q):
+def _check_mask(key_padding_mask, k):
+    """key_padding_mask: None or (B, N) bool over k's positions."""
     if key_padding_mask is None:
         return
-    B, N = q.shape[0], q.shape[2]
+    B, N = k.shape[0], k.shape[2]
     if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
         got = _describe(key_padding_mask) if isinstance(key_padding_mask, torch.Tensor) \
             else type(key_padding_mask).__name__
@@ -100,8 +113,8 @@ def _check_mask(key_padding_mask, q):
     if tuple(key_padding_mask.shape) != (B, N):
         raise ValueError(f"key_padding_mask must have shape (B, N) = ({B}, {N}), "
                          f"got {tuple(key_padding_mask.shape)}")
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if key_padding_mask.device != k.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {k.device}")
 
 
 def _check_backend(backend):
@@ -129,25 +142,26 @@ def use_triton(q, backend):
 
 def check_attention(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global, project_after_ln,
                     key_padding_mask, scale, eps, backend):
-    """Validate the arguments of ``ls_attention``; returns (its LSConfig, whether Triton runs it)."""
-    _check_qkv(q, k, v)
+    """Validate the arguments of ``ls_attention``; returns (its LSConfig, whether Triton runs it). Causal
+    calls may give k, v, proj, key_padding_mask of Nk >= N positions (keys beyond the queries)."""
+    _check_bool("causal", causal)
+    _check_qkv(q, k, v, longer_keys=causal)
     B, H, N, D = q.shape
     if proj is not None:
-        _check_proj(proj, q)
+        _check_proj(proj, k)
     window = _check_window(window)
     if window == 0 and proj is None:
         raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to; "
                          "give window > 0, proj, or both")
     chunk = _check_int("chunk", chunk, 1)
-    _check_bool("causal", causal)
     _check_ln("ln_local", ln_local, H, D, q)
     _check_ln("ln_global", ln_global, H, D, q)
-    _check_mask(key_padding_mask, q)
+    _check_mask(key_padding_mask, k)
     _check_scale(scale)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
     _check_backend(backend)
-    cfg = LSConfig(window=clamp_window(window, N), causal=causal, chunk=chunk,
+    cfg = LSConfig(window=clamp_window(window, k.shape[2]), causal=causal, chunk=chunk,
                    rank=proj.shape[-1] if proj is not None else 0,
                    scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
                    project_after_ln=bool(project_after_ln))

@@ -36,13 +36,15 @@ def _masked_softmax(x, visible, dim):
     return torch.softmax(x, dim) * any_visible
 
 
-def window_mask(N, w, causal, device=None):
-    """(N, N) bool, [query t, key j]: j is in t's window. Causal: t - w < j <= t. Bidirectional: j in
-    t's segment of w positions extended by e = max(w // 2, 1) on both sides. w = 0: no window."""
-    t = torch.arange(N, device=device)[:, None]
-    j = torch.arange(N, device=device)[None, :]
+def window_mask(N, w, causal, device=None, n_keys=None):
+    """(N, Nk) bool, [query i, key j]: j is in the window of query i. The queries are the last N of the Nk =
+    n_keys (default N) positions: query i sits at t = Nk - N + i. Causal: t - w < j <= t. Bidirectional
+    (Nk = N): j in t's segment of w positions extended by e = max(w // 2, 1) on both sides. w = 0: no window."""
+    Nk = N if n_keys is None else n_keys
+    t = torch.arange(Nk - N, Nk, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
     if w == 0:
-        return torch.zeros(N, N, dtype=torch.bool, device=device)
+        return torch.zeros(N, Nk, dtype=torch.bool, device=device)
     if causal:
         return (j <= t) & (j > t - w)
     e = max(w // 2, 1)
@@ -55,16 +57,18 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
                      key_padding_mask=None, scale=None, eps=1e-5, upcast=True):
     """Long-short attention, dense. Shapes as ``ls_kernels.ls_attention``.
 
-    q, k, v: (B, H, N, D); proj: (B, H, N, r) or None; key_padding_mask: (B, N)
-    bool, True = padding. Returns (B, H, N, D) in q's dtype.
+    q: (B, H, N, D); k, v: (B, H, Nk, D); proj: (B, H, Nk, r) or None; key_padding_mask: (B, Nk) bool,
+    True = padding. Nk = N, or causal Nk >= N: the queries are the last N positions (query i at
+    t = Nk - N + i). Returns (B, H, N, D) in q's dtype.
     """
     B, H, N, D = q.shape
+    Nk = k.shape[2]
     out_dtype = q.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm = acc if upcast else q.dtype  # dtype of the matrix products
     w = window or 0
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pad = (torch.zeros(B, N, dtype=torch.bool, device=q.device)
+    pad = (torch.zeros(B, Nk, dtype=torch.bool, device=q.device)
            if key_padding_mask is None else key_padding_mask)
 
     # keys and values of the window (LN_L), and what the projection reads
@@ -72,21 +76,21 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
     v_loc = _layer_norm(v.to(acc), ln_local, eps)
     k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
 
-    t = torch.arange(N, device=q.device)[:, None]  # query positions
-    local = window_mask(N, w, causal, q.device)[None, None] & ~pad[:, None, None, :]  # (B, 1, N, N)
+    t = torch.arange(Nk - N, Nk, device=q.device)[:, None]  # query positions
+    local = window_mask(N, w, causal, q.device, n_keys=Nk)[None, None] & ~pad[:, None, None, :]  # (B, 1, N, Nk)
 
     keys, values, visible = [], [], []
     if proj is not None:
         r = proj.shape[-1]
         logits = proj.to(acc)
         if not causal:
-            valid = ~pad[:, None, :, None]  # (B, 1, N, 1)
+            valid = ~pad[:, None, :, None]  # (B, 1, Nk, 1)
             P = _masked_softmax(logits, valid, dim=2)  # (B, H, N, r), over positions
             k_g = _layer_norm(P.transpose(-1, -2) @ k_src, ln_global, eps)  # (B, H, r, D)
             v_g = _layer_norm(P.transpose(-1, -2) @ v_src, ln_global, eps)
             seen = (~pad).any(1)[:, None, None, None].expand(B, 1, N, r)
         else:
-            nc = N // chunk  # only full chunks are ever visible
+            nc = Nk // chunk  # only full chunks are ever visible
             n_full = nc * chunk
             logits = logits[:, :, :n_full].reshape(B, H, nc, chunk, r)
             valid = ~pad[:, :n_full].reshape(B, 1, nc, chunk, 1)
@@ -112,5 +116,5 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
     scores = (q.to(mm) @ keys.to(mm).transpose(-1, -2)).to(acc) * scale
     probs = _masked_softmax(scores, visible, dim=3)
     out = (probs.to(mm) @ values.to(mm)).to(acc)
-    out = out.masked_fill(pad[:, None, :, None], 0.0)
+    out = out.masked_fill(pad[:, None, Nk - N:, None], 0.0)
     return out.to(out_dtype)
