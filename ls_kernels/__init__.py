@@ -1,6 +1,8 @@
 """Fused Triton kernels for long-short attention (Transformer-LS)."""
-from .api import dynamic_projection, ls_attention, ls_attention_projected
+from .api import dynamic_projection, ls_attention, ls_attention_projected, ls_decode
+from .cache import LSCache
 from .layer import LongShortAttention
 
 __version__ = "0.1.0"
-__all__ = ["LongShortAttention", "dynamic_projection", "ls_attention", "ls_attention_projected"]
+__all__ = ["LSCache", "LongShortAttention", "dynamic_projection", "ls_attention", "ls_attention_projected",
+           "ls_decode"]

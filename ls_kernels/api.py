@@ -15,8 +15,8 @@ the attention of ``ls_attention`` with those steps taken out, on the same kernel
 import torch
 
 from . import ops, torch_backend
-from .checks import check_attention, check_dynamic_projection, check_projected_attention
-from .common import zero_padded_unless_finite
+from .checks import check_attention, check_decode, check_dynamic_projection, check_projected_attention
+from .common import layer_norm, zero_padded_unless_finite
 from .config import acc_dtype
 
 
@@ -166,3 +166,40 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
             k, v = (zero_padded_unless_finite(x, pad) for x in (k, v))
         kg, vg, _ = torch_backend.project(proj, k, v, pad, causal=causal, chunk=int(chunk))
     return kg, vg
+
+
+def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=None, project_after_ln=False,
+              scale=None, eps=1e-5, key_padding_mask=None):
+    """Causal long-short attention of the next T tokens of each sequence against its decoding cache, which
+    it updates in place: token-by-token generation (T = 1), prefill (T = the prompt) or anything between.
+    The outputs are the rows that one causal ``ls_attention`` call over each whole sequence gives.
+
+    Args:
+        q, k, v: (B, H, T, D) the new tokens' queries, keys and values (raw: LN_L is applied here).
+        proj: (B, H, T, r) their projection logits, or None (window only; the cache was made with rank 0).
+        cache: an ``LSCache`` made for B sequences, H heads, head dim D, q's dtype and device, this window,
+            chunk and rank (``LSCache.empty``, or ``LongShortAttention.init_cache``). Sequence b's new tokens
+            take positions cache.lengths[b] ...
+        window, chunk, ln_local, ln_global, project_after_ln, scale, eps: as ``ls_attention`` (causal).
+        key_padding_mask: (B, T) bool, True = padding, right padding only (sequences of different lengths
+            in one prefill): padded tokens output zeros and never enter the cache.
+
+    Returns:
+        (B, H, T, D) in q's dtype. Inference only: no gradients flow (the call runs under no_grad).
+
+    Cost per token: O((w + t r / l) D), t the sequence's length; the cache holds O(w + t r / l) vectors per
+    sequence and head (``LSCache``), against O(t) for a full KV cache.
+    """
+    cfg, n_new = check_decode(q, k, v, proj, cache, window=window, chunk=chunk, ln_local=ln_local,
+                              ln_global=ln_global, project_after_ln=project_after_ln, scale=scale, eps=eps,
+                              key_padding_mask=key_padding_mask)
+    return decode_tokens(q, k, v, proj, cache, cfg=cfg, norm_local=lambda t: layer_norm(t, ln_local, cfg.eps),
+                         norm_global=lambda t: layer_norm(t, ln_global, cfg.eps), n_new=n_new)
+
+
+def decode_tokens(q, k, v, proj, cache, *, cfg, norm_local, norm_global, n_new):
+    """``ls_decode`` after validation, with LN_L and LN_G given as functions of (B, H, ., D) tensors (the
+    layer's model-wide LayerNorms are such functions): the blocked PyTorch path, under no_grad."""
+    with torch.no_grad(), ops.no_autocast(q):
+        return torch_backend.decode(q, k, v, proj, cache, cfg=cfg, norm_local=norm_local, norm_global=norm_global,
+                                    n_new=n_new)

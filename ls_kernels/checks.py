@@ -10,6 +10,7 @@ import numbers
 
 import torch
 
+from .cache import LSCache, right_padding_lengths
 from .config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -273,6 +274,49 @@ def check_layer_input(x, embed_dim, weight):
                          f"layer (layer.to({x.dtype})), or run under torch.autocast")
 
 
+def check_layer_cache(x, key_padding_mask, cache, *, causal, training, dropout):
+    """The cache of ``LongShortAttention.forward(x, cache=...)``: an LSCache of x's batch size and dtype, for a
+    causal layer, at least one new token, right padding only. Returns the real new tokens per sequence (B,)."""
+    if not causal:
+        raise ValueError("cache: a bidirectional layer (causal=False) cannot decode; give cache=None")
+    if not isinstance(cache, LSCache):
+        raise ValueError(f"cache must be an LSCache (layer.init_cache), got {type(cache).__name__}")
+    B, T, _ = x.shape
+    if T == 0:
+        raise ValueError(f"x must hold at least one new token, got shape {tuple(x.shape)}")
+    if cache.batch_size != B:
+        raise ValueError(f"cache was made for batch_size {cache.batch_size}, but x has {B} sequences "
+                         f"(shape {tuple(x.shape)})")
+    if training and dropout > 0:
+        raise ValueError(f"cache: decoding is inference, but the layer is in training mode with dropout "
+                         f"{dropout}; call layer.eval()")
+    _check_mask(key_padding_mask, x.unsqueeze(1))
+    return _right_padded(key_padding_mask, B, T, x.device)
+
+
+def check_cache_fits(cache, q, *, window, chunk, rank):
+    """The cache was made for q's (B, H, ., D), dtype and device, and for this window, chunk and rank."""
+    B, H, _, D = q.shape
+    got = dict(batch_size=cache.batch_size, num_heads=cache.num_heads, head_dim=cache.head_dim, dtype=cache.dtype,
+               device=cache.device, window=cache.window, chunk=cache.chunk, rank=cache.rank)
+    want = dict(batch_size=B, num_heads=H, head_dim=D, dtype=q.dtype, device=q.device, window=window, chunk=chunk,
+                rank=rank)
+    for name in want:
+        if got[name] != want[name]:
+            raise ValueError(f"cache was made for {name} = {got[name]}, but this call has {name} = {want[name]} "
+                             f"(q {_describe(q)}, window {window}, chunk {chunk}, rank {rank})")
+
+
+def _right_padded(key_padding_mask, B, T, device):
+    """Real tokens per row (B,) of a right-padded mask (ValueError for any other padding)."""
+    if key_padding_mask is not None:
+        later = key_padding_mask.long().cummax(1).values.bool()  # padding from the first padded token on
+        if (later != key_padding_mask).any():
+            raise ValueError("key_padding_mask must mark right padding only (each row: real tokens, then "
+                             "padding): a padded position never enters the cache")
+    return right_padding_lengths(key_padding_mask, B, T, device)
+
+
 def _check_scale(scale):
     """scale: None or a finite real number (Python or NumPy)."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
@@ -347,3 +391,34 @@ def check_official_lra_dconv(sd, num_heads, rank, E):
         raise ValueError(f"dconv_fc.weight has shape {tuple(sd['dconv_fc.weight'].shape)}, but num_heads * rank "
                          f"= {num_heads} * {rank} rows of {E} are expected: check num_heads and rank "
                          "(the official num_head and num_landmarks)")
+
+
+def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, project_after_ln, scale, eps,
+                 key_padding_mask):
+    """Validate the arguments of ``ls_decode``; returns (its LSConfig, the real new tokens per sequence (B,))."""
+    _check_qkv(q, k, v)
+    B, H, T, D = q.shape
+    if T == 0:
+        raise ValueError(f"q must hold at least one new token (T >= 1), got {_describe(q)}")
+    if not isinstance(cache, LSCache):
+        raise ValueError(f"cache must be an LSCache (LongShortAttention.init_cache or LSCache.empty), "
+                         f"got {type(cache).__name__}")
+    window = _check_window(window)
+    chunk = _check_int("chunk", chunk, 1)
+    if window == 0 and proj is None:
+        raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to")
+    if proj is not None:
+        _check_proj(proj, k)
+    rank = proj.shape[-1] if proj is not None else 0
+    check_cache_fits(cache, q, window=window, chunk=chunk, rank=rank)
+    _check_ln("ln_local", ln_local, H, D, q)
+    _check_ln("ln_global", ln_global, H, D, q)
+    _check_mask(key_padding_mask, q)
+    n_new = _right_padded(key_padding_mask, B, T, q.device)
+    _check_scale(scale)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
+    cfg = LSConfig(window=window, causal=True, chunk=chunk, rank=rank,
+                   scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
+                   project_after_ln=bool(project_after_ln))
+    return cfg, n_new

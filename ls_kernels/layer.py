@@ -4,10 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import dynamic_projection, ls_attention, ls_attention_projected
-from .checks import check_layer_args, check_layer_input, check_official_lra, check_official_lra_dconv
+from .api import decode_tokens, dynamic_projection, ls_attention, ls_attention_projected
+from .cache import LSCache
+from .checks import (check_cache_fits, check_layer_args, check_layer_cache, check_layer_input, check_official_lra,
+                     check_official_lra_dconv)
 from .common import layer_norm
-from .config import acc_dtype
+from .config import LSConfig, acc_dtype, default_scale
 
 _LN_EPS = 1e-5
 # official LRA AttentionLS parameters (NVIDIA/transformer-ls, lra/attention_transformer_ls.py) -> this layer's
@@ -66,6 +68,13 @@ class LongShortAttention(nn.Module):
     to and never projected; their output rows are the output Linear's bias (its input
     there is zero).
 
+    Generation (causal layers): ``cache = layer.init_cache(B)``, then ``layer(x, cache=cache)``
+    with x (B, T, E) the next T tokens of each sequence (the prompt, then one token per
+    step) returns their outputs, the rows a call over each whole sequence gives, and
+    updates the cache in place (``ls_decode``; inference only, no gradients). A prefill
+    may give ``key_padding_mask`` (B, T) marking right padding (prompts of different
+    lengths); padded tokens never enter the cache.
+
     Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (Linear E -> E),
     ``dproj`` (Linear E -> H * r; None when r = 0), ``ln_local_weight/bias`` and
     ``ln_global_weight/bias`` ((H, D) for ``"head"``, (E,) for ``"model"``; None when
@@ -111,10 +120,10 @@ class LongShortAttention(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x.to(acc), (self.embed_dim,), w.to(acc), b.to(acc), _LN_EPS)
 
-    def _ln_merged_heads(self, t):
-        """LN_G over the E = H * D channels of each projected vector of t (B, H, G, D): the official
+    def _ln_merged_heads(self, t, side="ln_global"):
+        """LayerNorm `side` over the E = H * D channels of each position of t (B, H, G, D): the official
         LayerNorm(E) of the heads merged, computed in place of the merge (fp32 statistics)."""
-        w, b = self._ln("ln_global")
+        w, b = self._ln(side)
         acc = acc_dtype(t.dtype)
         shape = (1, self.num_heads, 1, self.head_dim)
         t = t.to(acc)
@@ -122,9 +131,23 @@ class LongShortAttention(nn.Module):
         var = (t - mean).square().mean(dim=(1, 3), keepdim=True)
         return (t - mean) * torch.rsqrt(var + _LN_EPS) * w.to(acc).view(shape) + b.to(acc).view(shape)
 
-    def forward(self, x, key_padding_mask=None):
-        """x (B, N, E) -> (B, N, E); key_padding_mask (B, N) bool, True = padding."""
+    def init_cache(self, batch_size, *, device=None, dtype=None):
+        """An empty decoding cache (``LSCache``) of this causal layer for ``batch_size`` sequences, on the
+        layer's device and in its dtype unless given."""
+        if not self.causal:
+            raise ValueError("init_cache: a bidirectional layer (causal=False) cannot generate; every query "
+                             "sees keys after it")
+        ref = self.q_proj.weight
+        return LSCache.empty(batch_size, self.num_heads, self.head_dim, window=self.window, chunk=self.chunk,
+                             rank=self.rank, device=ref.device if device is None else device,
+                             dtype=ref.dtype if dtype is None else dtype)
+
+    def forward(self, x, key_padding_mask=None, cache=None):
+        """x (B, N, E) -> (B, N, E); key_padding_mask (B, N) bool, True = padding. With ``cache`` (causal
+        layers): x holds the next N tokens of each sequence of the cache, which is updated in place."""
         check_layer_input(x, self.embed_dim, self.q_proj.weight)
+        if cache is not None:
+            return self._decode(x, key_padding_mask, cache)
         B, N, E = x.shape
         H, D, r = self.num_heads, self.head_dim, self.rank
 
@@ -160,6 +183,31 @@ class LongShortAttention(nn.Module):
             o = ls_attention(q, heads(k), heads(v), proj, ln_local=self._ln("ln_local"),
                              ln_global=self._ln("ln_global"), project_after_ln=self.project_after_ln, **common)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, E))
+
+    def _decode(self, x, key_padding_mask, cache):
+        """forward with a cache: the new tokens' Q, K, V and logits, LN_L (per head or model-wide) and LN_G
+        (per head, or model-wide over each projected vector's merged heads) as in forward, then ls_decode."""
+        n_new = check_layer_cache(x, key_padding_mask, cache, causal=self.causal, training=self.training,
+                                  dropout=self.dropout)
+        B, T, E = x.shape
+        H, D, r = self.num_heads, self.head_dim, self.rank
+
+        def heads(t):  # (B, T, E) -> (B, H, T, D)
+            return t.reshape(B, T, H, D).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), self.k_proj(x), self.v_proj(x)
+        proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
+        check_cache_fits(cache, q, window=self.window, chunk=self.chunk, rank=r)
+        if self.dual_ln == "model":  # LayerNorm(E) over each position's merged heads
+            norm = {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in ("ln_local", "ln_global")}
+        else:
+            norm = {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS))
+                    for side in ("ln_local", "ln_global")}
+        cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D), eps=_LN_EPS,
+                       project_after_ln=self.project_after_ln)
+        o = decode_tokens(q, heads(k), heads(v), proj, cache, cfg=cfg, norm_local=norm["ln_local"],
+                          norm_global=norm["ln_global"], n_new=n_new)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     @classmethod
     def from_official_lra(cls, state_dict, num_heads, window, rank, *, prefix="", backend="auto"):

@@ -11,13 +11,14 @@ MAX_LINES = 450
 ALLOWED = {
     "config": set(),
     "common": {"config"},
-    "checks": {"config"},
-    "torch_backend": {"config", "common", "torch_backend"},
-    "triton_backend": {"config", "common", "triton_backend"},
-    "ops": {"config", "common", "torch_backend", "triton_backend"},
-    "api": {"config", "common", "checks", "ops", "torch_backend"},
-    "layer": {"config", "common", "checks", "api"},
-    "__init__": {"api", "layer"},
+    "cache": {"config"},
+    "checks": {"config", "cache"},
+    "torch_backend": {"config", "common", "cache", "torch_backend"},
+    "triton_backend": {"config", "common", "cache", "triton_backend"},
+    "ops": {"config", "common", "cache", "torch_backend", "triton_backend"},
+    "api": {"config", "common", "cache", "checks", "ops", "torch_backend"},
+    "layer": {"config", "common", "cache", "checks", "api"},
+    "__init__": {"api", "cache", "layer"},
 }
 
 

@@ -1,0 +1,114 @@
+"""The decoding cache of causal long-short attention: what one layer keeps of each sequence between calls.
+
+A query at position t sees the window keys t - w + 1 .. t and the projected vectors of the chunks before
+floor(t / l). Keys older than the window are never read again, and a finished chunk is read only through its r
+projected vectors, so a sequence of t tokens keeps, per head:
+
+- the last w - 1 window keys and values after LN_L, oldest first (``win_k``, ``win_v``);
+- the r projected keys and values (after LN_G) of each of its floor(t / l) finished chunks, chunk-major
+  (``kg``, ``vg``, grown by doubling);
+- the at most l - 1 positions of its unfinished chunk as the projection reads them: keys, values and
+  projection logits (``part_k``, ``part_v``, ``part_logits``), slot s holding position floor(t / l) * l + s;
+- its length t (``lengths``).
+
+That is (w - 1 + floor(t / l) r) D values twice plus (l - 1)(2 D + r) accumulation-dtype values per sequence
+and head: O(w + t r / l), against O(t) for a full KV cache.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import acc_dtype
+
+
+@dataclass
+class LSCache:
+    """One layer's decoding cache for a batch of sequences (see the module docstring). Made by
+    ``LongShortAttention.init_cache`` or ``LSCache.empty``; ``ls_decode`` and the layer update it in place.
+
+    Shapes (B sequences, H heads, D head dim, w window, l chunk, r rank; dtype the model's, acc its
+    accumulation dtype): lengths (B,) int64; win_k, win_v (B, H, max(w - 1, 0), D) dtype; kg, vg
+    (B, H, capacity * r, D) dtype; part_k, part_v (B, H, l, D) acc; part_logits (B, H, l, r) acc.
+    """
+    window: int
+    chunk: int
+    rank: int
+    lengths: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    kg: torch.Tensor
+    vg: torch.Tensor
+    part_k: torch.Tensor
+    part_v: torch.Tensor
+    part_logits: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch_size, num_heads, head_dim, *, window, chunk, rank, device=None, dtype=None,
+              capacity=16):
+        """An empty cache (every length 0) for ``batch_size`` sequences; room for ``capacity`` finished chunks
+        before the first growth."""
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        acc = acc_dtype(dtype)
+        B, H, D = batch_size, num_heads, head_dim
+        new = lambda n, d, t: torch.zeros(B, H, n, d, device=device, dtype=t)  # noqa: E731
+        return cls(window=window, chunk=chunk, rank=rank,
+                   lengths=torch.zeros(B, dtype=torch.int64, device=device),
+                   win_k=new(max(window - 1, 0), D, dtype), win_v=new(max(window - 1, 0), D, dtype),
+                   kg=new(capacity * rank, D, dtype), vg=new(capacity * rank, D, dtype),
+                   part_k=new(chunk, D, acc), part_v=new(chunk, D, acc), part_logits=new(chunk, rank, acc))
+
+    @property
+    def batch_size(self):
+        return self.lengths.shape[0]
+
+    @property
+    def num_heads(self):
+        return self.win_k.shape[1]
+
+    @property
+    def head_dim(self):
+        return self.win_k.shape[3]
+
+    @property
+    def dtype(self):
+        return self.win_k.dtype
+
+    @property
+    def device(self):
+        return self.win_k.device
+
+    def reserve(self, n_chunks):
+        """Make room for n_chunks finished chunks per sequence (capacity doubled as needed)."""
+        need = n_chunks * self.rank
+        have = self.kg.shape[2]
+        if need <= have:
+            return
+        new_cap = max(need, 2 * have)
+        grow = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], new_cap - have, x.shape[3])], dim=2)  # noqa
+        self.kg, self.vg = grow(self.kg), grow(self.vg)
+
+    def nbytes(self, used_only=True):
+        """Bytes the cache holds: with used_only, those of its sequences' current contents (the formula of
+        the module docstring, summed over the batch); else its allocated tensors."""
+        if not used_only:
+            return sum(x.numel() * x.element_size() for x in (self.lengths, self.win_k, self.win_v, self.kg,
+                                                                self.vg, self.part_k, self.part_v, self.part_logits))
+        H, D = self.num_heads, self.head_dim
+        es, acc_es = self.win_k.element_size(), self.part_k.element_size()
+        chunks = int((self.lengths // self.chunk).sum())
+        per_seq = (2 * max(self.window - 1, 0) * D * es + 2 * (self.chunk - 1) * D * acc_es
+                   + (self.chunk - 1) * self.rank * acc_es) * H + 8
+        return self.batch_size * per_seq + 2 * chunks * self.rank * D * es * H
+
+
+def full_kv_cache_nbytes(lengths, num_heads, head_dim, dtype):
+    """Bytes of a full KV cache (every key and value of every position) for sequences of these lengths."""
+    return 2 * int(sum(lengths)) * num_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def right_padding_lengths(key_padding_mask: Optional[torch.Tensor], batch_size, T, device):
+    """(B,) int64: the real tokens of each row of a right-padded mask (B, T) (True = padding), T without one."""
+    if key_padding_mask is None:
+        return torch.full((batch_size,), T, dtype=torch.int64, device=device)
+    return (~key_padding_mask).sum(1)
