@@ -310,7 +310,8 @@ def test_bad_forward_input_raises():
 def test_char_lm_example_runs():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run([sys.executable, os.path.join(root, "examples", "char_lm.py"), "--steps", "3", "--seconds", "20",
-                          "--sample", "20", "--batch", "4"], capture_output=True, text=True, timeout=300,
+                          "--sample", "20", "--batch", "4", "--generate", "20"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "validation loss" in run.stdout and "sample:" in run.stdout
+    assert "with the cache:" in run.stdout and "recomputing the prefix:" in run.stdout
