@@ -4,11 +4,12 @@ A query at position t sees the window keys t - w + 1 .. t and the projected vect
 floor(t / l). Keys older than the window are never read again, and a finished chunk is read only through its r
 projected vectors, so a sequence of t tokens keeps, per head:
 
-- the last w - 1 window keys and values after LN_L, oldest first (``win_k``, ``win_v``);
+- the last w - 1 window keys and values after LN_L (``win_k``, ``win_v``), a ring: position p in slot
+  p mod (w - 1);
 - the r projected keys and values (after LN_G) of each of its floor(t / l) finished chunks, chunk-major
   (``kg``, ``vg``, grown by doubling);
 - the at most l - 1 positions of its unfinished chunk as the projection reads them: keys, values and
-  projection logits (``part_k``, ``part_v``, ``part_logits``), slot s holding position floor(t / l) * l + s;
+  projection logits (``part_k``, ``part_v``, ``part_logits``), position p in slot p mod l;
 - its length t (``lengths``).
 
 That is (w - 1 + floor(t / l) r) D values twice plus (l - 1)(2 D + r) accumulation-dtype values per sequence

@@ -133,12 +133,13 @@ def test_cache_holds_the_window_and_finished_chunks():
     cache = LSCache.empty(1, 2, D, window=w, chunk=l, rank=r, dtype=torch.float64, capacity=1)
     for i in range(N):
         ls_decode(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], proj[:, :, i:i + 1], cache, window=w, chunk=l)
-    torch.testing.assert_close(cache.win_k, k[:, :, N - w + 1:], rtol=0, atol=0)  # no LN_L: the keys themselves
+    last = torch.arange(N - w + 1, N)  # the last w - 1 positions, in slots p mod (w - 1); no LN_L: keys as given
+    torch.testing.assert_close(cache.win_k[:, :, last % (w - 1)], k[:, :, last], rtol=0, atol=0)
     assert cache.kg.shape[2] >= (N // l) * r  # grown from room for one chunk
     P = torch.softmax(proj[:, :, :N // l * l].reshape(1, 2, N // l, l, r), dim=3)
     kg = (P.transpose(-1, -2) @ k[:, :, :N // l * l].reshape(1, 2, N // l, l, D)).reshape(1, 2, -1, D)
     torch.testing.assert_close(cache.kg[:, :, :(N // l) * r], kg, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cache.part_k[:, :, :N % l], k[:, :, N // l * l:], rtol=0, atol=0)
+    torch.testing.assert_close(cache.part_k[:, :, :N % l], k[:, :, N // l * l:], rtol=0, atol=0)  # slots p mod l
     es = 8
     expected = 2 * (w - 1) * D * es * 2 + 2 * (N // l) * r * D * es * 2 + ((l - 1) * (2 * D + r) * es) * 2 + 8
     assert cache.nbytes() == expected
