@@ -198,8 +198,17 @@ def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=N
 
 
 def decode_tokens(q, k, v, proj, cache, *, cfg, norm_local, norm_global, n_new):
-    """``ls_decode`` after validation, with LN_L and LN_G given as functions of (B, H, ., D) tensors (the
-    layer's model-wide LayerNorms are such functions): the blocked PyTorch path, under no_grad."""
+    """``ls_decode`` after validation, with LN_L and LN_G given as functions of (B, H, ., D) tensors in the
+    accumulation dtype (the layer's model-wide LayerNorms are such functions), under no_grad: the chunks the
+    new tokens finish are projected into the cache first, so that the queries after them see their vectors;
+    then the attention; then the new window keys go into the cache."""
+    acc = acc_dtype(q.dtype)
     with torch.no_grad(), ops.no_autocast(q):
-        return torch_backend.decode(q, k, v, proj, cache, cfg=cfg, norm_local=norm_local, norm_global=norm_global,
-                                    n_new=n_new)
+        k_loc, v_loc = norm_local(k.to(acc)), norm_local(v.to(acc))
+        if cfg.rank > 0:
+            src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
+            cache.advance_projection(*src, proj.to(acc), n_new, norm_global=norm_global)
+        k_new, v_new = k_loc.to(cache.dtype), v_loc.to(cache.dtype)
+        out = torch_backend.decode_attend(q, k_new, v_new, cache, cfg=cfg, n_new=n_new)
+        cache.advance(k_new, v_new, n_new)
+    return out.to(q.dtype)

@@ -23,6 +23,30 @@ import torch
 from .config import acc_dtype
 
 
+def rows(x, idx):
+    """x (B, H, N, C) gathered along positions by idx (B, M): (B, H, M, C)."""
+    B, H, _, C = x.shape
+    return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], C))
+
+
+def _put_rows(x, idx, new):
+    """x (B, H, N, C) with new (B, H, M, C) written at positions idx (B, M), in place."""
+    B, H, M, C = new.shape
+    x.scatter_(2, idx[:, None, :, None].expand(B, H, M, C), new.to(x.dtype))
+
+
+def ring_order(lengths, size):
+    """(B, size): the ring slots of positions lengths - size .. lengths - 1, oldest first."""
+    return (lengths[:, None] - size + torch.arange(size, device=lengths.device)[None, :]) % size
+
+
+def _project_chunks(k, v, logits, norm_global):
+    """Projected keys and values (B, H, n * r, D) of n chunks: k, v (B, H, n, l, D), logits (B, H, n, l, r)."""
+    B, H, n, l, D = k.shape
+    P = torch.softmax(logits, dim=3).transpose(-1, -2)  # (B, H, n, r, l): each chunk's softmax over its l rows
+    return [norm_global((P @ x).reshape(B, H, -1, D)) for x in (k, v)]
+
+
 @dataclass
 class LSCache:
     """One layer's decoding cache for a batch of sequences (see the module docstring). Made by
@@ -88,6 +112,63 @@ class LSCache:
         new_cap = max(need, 2 * have)
         grow = lambda x: torch.cat([x, x.new_zeros(*x.shape[:2], new_cap - have, x.shape[3])], dim=2)  # noqa
         self.kg, self.vg = grow(self.kg), grow(self.vg)
+
+    def advance_projection(self, k_src, v_src, logits, n_new, *, norm_global):
+        """Append the projected vectors of the chunks that new rows finish, and keep the rows of the chunk left
+        unfinished. k_src, v_src (B, H, T, D) and logits (B, H, T, r), accumulation dtype: what the projection
+        reads of the next T positions (rows n_new (B,) and after are padding, never used). norm_global: LN_G
+        of projected vectors (B, H, G, D) -> same. Lengths are not advanced here (``advance``).
+
+        Chunk c of a sequence lands at rows c r .. c r + r - 1 of kg, vg; rows past a sequence's finished
+        chunks may be written with unfinished sums (never visible: a query sees only finished chunks)."""
+        l, r = self.chunk, self.rank
+        B, H, T, D = k_src.shape
+        L = self.lengths
+        parts = (self.part_k, self.part_v, self.part_logits)
+        if T == 1:  # one row into slot L mod l; a chunk finishes where that slot is the last
+            slot = (L % l)[:, None]
+            for part, x in zip(parts, (k_src, v_src, logits)):
+                _put_rows(part, slot, x)
+            if bool(((L + n_new) % l == 0).logical_and(n_new > 0).any()):
+                self.reserve(int((L // l).max()) + 1)
+                kg, vg = _project_chunks(*(p.unsqueeze(2) for p in parts), norm_global)
+                target = (L // l * r)[:, None] + torch.arange(r, device=L.device)[None, :]
+                _put_rows(self.kg, target, kg)
+                _put_rows(self.vg, target, vg)
+            return
+        a = L % l  # rows of each sequence's unfinished chunk, in slots 0 .. a - 1 (its start is a slot 0)
+        n_done = (a + n_new) // l  # chunks finished by these rows
+        both = [torch.cat([p, x], 2) for p, x in zip(parts, (k_src, v_src, logits))]
+        m = torch.arange(((l - 1 + T) // l + 1) * l, device=L.device)[None, :]  # logical rows from the chunk start
+        idx = torch.where(m < a[:, None], m, l + m - a[:, None]).clamp(max=l + T - 1)  # into cat(part, new)
+        max_done = int(n_done.max()) if B > 0 else 0
+        if max_done > 0:
+            self.reserve(int((L // l).max()) + max_done)
+            chunks = [rows(x, idx[:, :max_done * l]).reshape(B, H, max_done, l, x.shape[3]) for x in both]
+            kg, vg = _project_chunks(*chunks, norm_global)
+            target = (L // l * r)[:, None] + torch.arange(max_done * r, device=L.device)[None, :]
+            _put_rows(self.kg, target, kg)
+            _put_rows(self.vg, target, vg)
+        rem = a + n_new - n_done * l  # rows of the new unfinished chunk, < l
+        left = idx.gather(1, (n_done * l)[:, None] + torch.arange(l, device=L.device)[None, :])
+        keep = (torch.arange(l, device=L.device)[None, :] < rem[:, None])[:, None, :, None]
+        for part, x in zip(parts, both):
+            part.copy_(torch.where(keep, rows(x, left), 0.0))
+
+    def advance(self, k_new, v_new, n_new):
+        """Put the new window keys and values k_new, v_new (B, H, T, D) (LN_L applied; rows n_new (B,) and after
+        are padding) into the ring, positions lengths .. lengths + n_new - 1, and advance the lengths."""
+        W1 = self.win_k.shape[2]
+        L, T = self.lengths, k_new.shape[2]
+        if W1 > 0:
+            n_keep = min(T, W1)  # the last W1 new rows at most, at distinct slots
+            first = (n_new - n_keep).clamp(min=0)[:, None] + torch.arange(n_keep, device=L.device)[None, :]
+            slots = (L[:, None] + first) % W1
+            padding = (first >= n_new[:, None])[:, None, :, None]  # those slots are rewritten as they are
+            src = first.clamp(max=T - 1)
+            _put_rows(self.win_k, slots, torch.where(padding, rows(self.win_k, slots), rows(k_new, src)))
+            _put_rows(self.win_v, slots, torch.where(padding, rows(self.win_v, slots), rows(v_new, src)))
+        self.lengths += n_new
 
     def nbytes(self, used_only=True):
         """Bytes the cache holds: with used_only, those of its sequences' current contents (the formula of
