@@ -15,7 +15,8 @@ the attention of ``ls_attention`` with those steps taken out, on the same kernel
 import torch
 
 from . import ops, torch_backend
-from .checks import check_attention, check_decode, check_dynamic_projection, check_projected_attention
+from .checks import (check_attention, check_decode, check_dynamic_projection, check_projected_attention,
+                     use_triton)
 from .common import layer_norm, zero_padded_unless_finite
 from .config import acc_dtype
 
@@ -169,7 +170,7 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
 
 
 def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=None, project_after_ln=False,
-              scale=None, eps=1e-5, key_padding_mask=None):
+              scale=None, eps=1e-5, key_padding_mask=None, backend="auto"):
     """Causal long-short attention of the next T tokens of each sequence against its decoding cache, which
     it updates in place: token-by-token generation (T = 1), prefill (T = the prompt) or anything between.
     The outputs are the rows that one causal ``ls_attention`` call over each whole sequence gives.
@@ -183,6 +184,8 @@ def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=N
         window, chunk, ln_local, ln_global, project_after_ln, scale, eps: as ``ls_attention`` (causal).
         key_padding_mask: (B, T) bool, True = padding, right padding only (sequences of different lengths
             in one prefill): padded tokens output zeros and never enter the cache.
+        backend: "auto" (the Triton decode kernels for one token per sequence on CUDA with D <= 128, else the
+            PyTorch path), "triton" or "torch". Calls with T > 1 (prefill) attend on the PyTorch path.
 
     Returns:
         (B, H, T, D) in q's dtype. Inference only: no gradients flow (the call runs under no_grad).
@@ -192,12 +195,13 @@ def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=N
     """
     cfg, n_new = check_decode(q, k, v, proj, cache, window=window, chunk=chunk, ln_local=ln_local,
                               ln_global=ln_global, project_after_ln=project_after_ln, scale=scale, eps=eps,
-                              key_padding_mask=key_padding_mask)
+                              key_padding_mask=key_padding_mask, backend=backend)
     return decode_tokens(q, k, v, proj, cache, cfg=cfg, norm_local=lambda t: layer_norm(t, ln_local, cfg.eps),
-                         norm_global=lambda t: layer_norm(t, ln_global, cfg.eps), n_new=n_new)
+                         norm_global=lambda t: layer_norm(t, ln_global, cfg.eps), n_new=n_new,
+                         triton=use_triton(q, backend))
 
 
-def decode_tokens(q, k, v, proj, cache, *, cfg, norm_local, norm_global, n_new):
+def decode_tokens(q, k, v, proj, cache, *, cfg, norm_local, norm_global, n_new, triton):
     """``ls_decode`` after validation, with LN_L and LN_G given as functions of (B, H, ., D) tensors in the
     accumulation dtype (the layer's model-wide LayerNorms are such functions), under no_grad: the chunks the
     new tokens finish are projected into the cache first, so that the queries after them see their vectors;
@@ -209,6 +213,6 @@ def decode_tokens(q, k, v, proj, cache, *, cfg, norm_local, norm_global, n_new):
             src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
             cache.advance_projection(*src, proj.to(acc), n_new, norm_global=norm_global)
         k_new, v_new = k_loc.to(cache.dtype), v_loc.to(cache.dtype)
-        out = torch_backend.decode_attend(q, k_new, v_new, cache, cfg=cfg, n_new=n_new)
+        out = ops.decode_attend(q, k_new, v_new, cache, cfg=cfg, n_new=n_new, triton=triton)
         cache.advance(k_new, v_new, n_new)
     return out.to(q.dtype)

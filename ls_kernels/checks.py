@@ -394,7 +394,7 @@ def check_official_lra_dconv(sd, num_heads, rank, E):
 
 
 def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, project_after_ln, scale, eps,
-                 key_padding_mask):
+                 key_padding_mask, backend):
     """Validate the arguments of ``ls_decode``; returns (its LSConfig, the real new tokens per sequence (B,))."""
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
@@ -416,6 +416,8 @@ def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, pr
     _check_mask(key_padding_mask, q)
     n_new = _right_padded(key_padding_mask, B, T, q.device)
     _check_scale(scale)
+    _check_backend(backend)
+    use_triton(q, backend)  # raises where the kernels cannot run
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
     cfg = LSConfig(window=window, causal=True, chunk=chunk, rank=rank,

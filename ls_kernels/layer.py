@@ -7,7 +7,7 @@ from torch import nn
 from .api import decode_tokens, dynamic_projection, ls_attention, ls_attention_projected
 from .cache import LSCache
 from .checks import (check_cache_fits, check_layer_args, check_layer_cache, check_layer_input, check_official_lra,
-                     check_official_lra_dconv)
+                     check_official_lra_dconv, use_triton)
 from .common import layer_norm
 from .config import LSConfig, acc_dtype, default_scale
 
@@ -206,7 +206,7 @@ class LongShortAttention(nn.Module):
         cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D), eps=_LN_EPS,
                        project_after_ln=self.project_after_ln)
         o = decode_tokens(q, heads(k), heads(v), proj, cache, cfg=cfg, norm_local=norm["ln_local"],
-                          norm_global=norm["ln_global"], n_new=n_new)
+                          norm_global=norm["ln_global"], n_new=n_new, triton=use_triton(q, self.backend))
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
     @classmethod

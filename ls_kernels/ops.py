@@ -364,3 +364,12 @@ def _projected_triton_backward(ctx, grad_out, *unused):
 
 
 projected_triton_fwd.register_autograd(_projected_triton_backward, setup_context=_projected_triton_setup)
+
+
+def decode_attend(q, k_new, v_new, cache, *, cfg: LSConfig, n_new, triton: bool):
+    """The attention of a decoding call (``ls_decode``): one new token per sequence on the Triton decode
+    kernels when ``triton``, else (and for several tokens per sequence) the PyTorch path. Plain eager code,
+    not a custom op: decoding is inference and updates the cache in place."""
+    if triton and q.shape[2] == 1:
+        return triton_backend.decode_attend(q, k_new, v_new, cache, cfg=cfg, n_new=n_new)
+    return torch_backend.decode_attend(q, k_new, v_new, cache, cfg=cfg, n_new=n_new)

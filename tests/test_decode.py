@@ -8,7 +8,11 @@ from ls_kernels import LongShortAttention, LSCache, ls_attention, ls_decode
 from ls_kernels.cache import full_kv_cache_nbytes
 from reference import ls_attention_ref
 from reference.inputs import make_inputs, to64
-from cases import TINY
+from cases import DEVICE, TINY
+from ls_kernels.config import INTERPRET
+
+# the Triton decode kernels run the one-token steps (in the interpreter without a GPU)
+BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" or INTERPRET else [])
 
 # (N, D, w, r, chunk, prefill, step, ln_local, ln_global, project_after_ln): N covers the first 3 w positions
 # and several chunk boundaries
@@ -36,7 +40,7 @@ def _steps(N, prefill, step):
     return sizes
 
 
-def _decode_all(q, k, v, proj, kw, c, cache=None):
+def _decode_all(q, k, v, proj, kw, c, backend="torch", cache=None):
     """ls_decode over the sequence in the case's steps; the outputs concatenated (B, H, N, D), and the cache."""
     N, D, w, r, l, P, step, lnL, lnG, after = c
     B, H = q.shape[:2]
@@ -46,7 +50,7 @@ def _decode_all(q, k, v, proj, kw, c, cache=None):
         sl = slice(start, start + n)
         outs.append(ls_decode(q[:, :, sl], k[:, :, sl], v[:, :, sl], None if proj is None else proj[:, :, sl], cache,
                               window=w, chunk=l, ln_local=kw["ln_local"], ln_global=kw["ln_global"],
-                              project_after_ln=after))
+                              project_after_ln=after, backend=backend))
         start += n
     return torch.cat(outs, 2), cache
 
@@ -57,20 +61,22 @@ def _case_inputs(c, dtype):
     return q, k, v, proj, kw
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("c", CASES, ids=case_id)
-def test_decode_equals_full_call_fp64(c):
+def test_decode_equals_full_call_fp64(c, backend):
     q, k, v, proj, kw = _case_inputs(c, torch.float64)
-    got, cache = _decode_all(q, k, v, proj, kw, c)
+    got, cache = _decode_all(q, k, v, proj, kw, c, backend)
     full = ls_attention(q, k, v, proj, window=c[2], causal=True, project_after_ln=c[9], backend="torch", **kw)
     torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-10)
     assert cache.lengths.tolist() == [c[0]] * 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("c", CASES[:3], ids=case_id)
-def test_decode_fp16_two_times_rule(c):
+def test_decode_fp16_two_times_rule(c, backend):
     """fp16 decoding: max error against fp64 at most 2x that of the same-dtype reference, plus a tiny atol."""
     q, k, v, proj, kw = _case_inputs(c, torch.float16)
-    got, _ = _decode_all(q, k, v, proj, kw, c)
+    got, _ = _decode_all(q, k, v, proj, kw, c, backend)
     common = dict(window=c[2], causal=True, project_after_ln=c[9])
     kw64 = dict(kw, **{s: None if kw[s] is None else tuple(to64(x) for x in kw[s]) for s in ("ln_local", "ln_global")})
     ref = ls_attention_ref(to64(q), to64(k), to64(v), to64(proj), **common, **kw64)
@@ -79,29 +85,38 @@ def test_decode_fp16_two_times_rule(c):
     assert err <= 2 * err_same + TINY[torch.float16], (err, err_same)
 
 
-def test_prompts_of_different_lengths_with_right_padding():
-    """A padded prefill (prompts of 3, 11 and 0 tokens), then steps of 1 and 2 tokens: each sequence's outputs
-    are the rows of a call over that sequence alone; padded rows are zero and never enter the cache."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prompts_of_different_lengths_with_right_padding(backend):
+    """A padded prefill (prompts of 3, 11 and 0 tokens), then steps of 1 and 2 tokens, and a step in which one
+    sequence sits out (padding): each sequence's outputs are the rows of a call over that sequence alone;
+    padded rows are zero and never enter the cache."""
     N, D, w, r, l = 24, 8, 5, 2, 4
     prompts = [3, 11, 0]
     q, k, v, proj, kw = make_inputs(3, 2, N, D, r, dtype=torch.float64, ln_local="head", ln_global="shared", chunk=l)
     ln = dict(ln_local=kw["ln_local"], ln_global=kw["ln_global"], window=w, chunk=l)
+    run = dict(ln, backend=backend)
     cache = LSCache.empty(3, 2, D, window=w, chunk=l, rank=r, dtype=torch.float64)
     P = max(prompts)
     pad = torch.arange(P)[None, :] >= torch.tensor(prompts)[:, None]
     # each sequence's tokens start at index 0 of its own stream: row b's prompt is q[b, :, :prompts[b]]
-    out = ls_decode(q[:, :, :P], k[:, :, :P], v[:, :, :P], proj[:, :, :P], cache, key_padding_mask=pad, **ln)
+    out = ls_decode(q[:, :, :P], k[:, :, :P], v[:, :, :P], proj[:, :, :P], cache, key_padding_mask=pad, **run)
     assert cache.lengths.tolist() == prompts
     assert (out.transpose(1, 2)[pad] == 0).all()
     outs = [[out[b, :, :prompts[b]]] for b in range(3)]
     pos = list(prompts)
-    for n in (1, 2, 1, 2, 2):
+    for n, sits_out in ((1, None), (2, None), (1, 1), (1, None), (2, 0), (2, None)):
         idx = torch.tensor([[p + i for i in range(n)] for p in pos])  # (3, n): each sequence's next positions
         pick = lambda x: x.gather(2, idx[:, None, :, None].expand(3, x.shape[1], n, x.shape[3]))  # noqa: E731
-        o = ls_decode(pick(q), pick(k), pick(v), pick(proj), cache, **ln)
+        step_pad = torch.zeros(3, n, dtype=torch.bool)
+        if sits_out is not None:
+            step_pad[sits_out] = True
+        o = ls_decode(pick(q), pick(k), pick(v), pick(proj), cache, key_padding_mask=step_pad, **run)
         for b in range(3):
-            outs[b].append(o[b])
-        pos = [p + n for p in pos]
+            if b == sits_out:
+                assert (o[b] == 0).all()
+            else:
+                outs[b].append(o[b])
+        pos = [p + (0 if b == sits_out else n) for b, p in enumerate(pos)]
     assert cache.lengths.tolist() == pos
     for b in range(3):
         alone = ls_attention(q[b:b + 1, :, :pos[b]], k[b:b + 1, :, :pos[b]], v[b:b + 1, :, :pos[b]],
@@ -109,19 +124,22 @@ def test_prompts_of_different_lengths_with_right_padding():
         torch.testing.assert_close(torch.cat(outs[b], 1), alone[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dual_ln", ["head", "model", None])
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
-def test_layer_with_cache_equals_full_forward(dual_ln, after):
+def test_layer_with_cache_equals_full_forward(dual_ln, after, backend):
+    """Prefill of 9 tokens, steps of 3, then steps of 1 (the decode kernels on the Triton backend)."""
     torch.manual_seed(0)
     layer = LongShortAttention(32, 4, window=5, rank=2, causal=True, chunk=4, dual_ln=dual_ln,
-                               project_after_ln=after, backend="torch").double().eval()
+                               project_after_ln=after, backend=backend).double().eval()
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 30, 32, dtype=torch.float64)
     full = layer(x)
     cache = layer.init_cache(2)
-    outs = [layer(x[:, :9], cache=cache)] + [layer(x[:, i:i + 3], cache=cache) for i in range(9, 30, 3)]
+    outs = [layer(x[:, :9], cache=cache)] + [layer(x[:, i:i + 3], cache=cache) for i in range(9, 18, 3)]
+    outs += [layer(x[:, i:i + 1], cache=cache) for i in range(18, 30)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-10, atol=1e-10)
 
 
