@@ -28,9 +28,11 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("aot_report.py compiles kernels: run it without TRITON_INTERPRET=1")
 
 from ls_kernels.triton_backend import launch  # noqa: E402
+from ls_kernels.triton_backend import decode as dec  # noqa: E402
 from ls_kernels.triton_backend import projection as prj  # noqa: E402
 from ls_kernels.triton_backend.args import block_d  # noqa: E402
 from ls_kernels.triton_backend.kernels import backward as bwd_kernels  # noqa: E402
+from ls_kernels.triton_backend.kernels import decode as dec_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import forward as fwd_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import prepass as prepass_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import projection as prj_kernels  # noqa: E402
@@ -110,6 +112,13 @@ def kernel_specs(dtype, D, pad=True):
         bn, br, w, precision = prj.proj_bwd_config(D, r=32, seg_len=seg_len, dtype=dtype)
         const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=precision, BLOCK_N=bn, BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
+    types = {"Q": t, "KN": t, "VN": t, "WK": t, "WV": t, "KG": t, "VG": t, "LENGTHS": "i64", "REAL": "i8",
+             "SCALARS": acc, "O_PART": acc, "LSE_PART": acc}
+    const = dict(HAS_WINDOW=True, HEAD_DIM=D, IS_FP64=fp64, BLOCK_N=dec.decode_block_n(D, gpu_tiles=True), BLOCK_D=BLOCK_D)
+    specs.append(("_decode_split_kernel", dec_kernels._decode_split_kernel, types, const, 4, 1))
+    types = {"O_PART": acc, "LSE_PART": acc, "O": t}
+    const = dict(HEAD_DIM=D, IS_FP64=fp64, BLOCK_S=dec.COMBINE_SPANS, BLOCK_D=BLOCK_D)
+    specs.append(("_decode_combine_kernel", dec_kernels._decode_combine_kernel, types, const, 4, 1))
     return specs
 
 

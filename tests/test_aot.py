@@ -15,7 +15,8 @@ KERNELS = {f"{k}[{m}]" for k in ("_ls_fwd_kernel", "_ls_bwd_dq_kernel", "_ls_bwd
            for m in ("bidir", "causal")} | {"_proj_partial_kernel[segment]", "_proj_partial_kernel[final]", "_proj_combine_kernel",
                                             "_proj_bwd_kernel[seg=16]", "_proj_bwd_kernel[seg=4096]",
                                             "_ln_local_kernel", "_ls_bwd_delta_kernel",
-                                            "_ls_bwd_dkv_global_combine_kernel"}
+                                            "_ls_bwd_dkv_global_combine_kernel", "_decode_split_kernel",
+                                            "_decode_combine_kernel"}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
 

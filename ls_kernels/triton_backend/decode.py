@@ -8,8 +8,15 @@ from ..config import INTERPRET, LSConfig
 from .args import absent, block_d, kernel_dtype, make_scalars
 from .kernels.decode import _decode_combine_kernel, _decode_split_kernel
 
-# keys per tile of a split program (the interpreter: smaller tiles, each step costs milliseconds)
-DECODE_BLOCK_N = 16 if INTERPRET else 64
+def decode_block_n(D, gpu_tiles=not INTERPRET):
+    """Keys per tile of a split program: 64 rows of D <= 64, 32 of wider heads (the key and value tiles stay
+    in registers in the accumulation dtype: zero spills on sm_80 and sm_90a); 16 in the interpreter, where
+    each tile step costs milliseconds."""
+    if not gpu_tiles:
+        return 16
+    return 64 if D <= 64 else 32
+
+
 # the split kernel aims at about this many programs in all (4 per SM of an H100), spans of whole tiles
 DECODE_PROGRAMS = 528
 # spans merged per step of the combine kernel
@@ -33,7 +40,8 @@ def decode_attend(q, k_new, v_new, cache: LSCache, *, cfg: LSConfig, n_new):
     acc = scalars.dtype
     n_keys = W1 + (int(cache.lengths.max()) // cfg.chunk) * cfg.rank if B > 0 else 0
     per_seq = max(1, DECODE_PROGRAMS // max(B * H, 1))
-    split = DECODE_BLOCK_N * max(1, triton.cdiv(triton.cdiv(max(n_keys, 1), per_seq), DECODE_BLOCK_N))
+    block_n = decode_block_n(D)
+    split = block_n * max(1, triton.cdiv(triton.cdiv(max(n_keys, 1), per_seq), block_n))
     n_splits = max(1, triton.cdiv(n_keys, split))
     o_part = torch.empty(B, H, n_splits, D, dtype=acc, device=device)
     lse_part = torch.empty(B, H, n_splits, dtype=acc, device=device)
@@ -46,7 +54,7 @@ def decode_attend(q, k_new, v_new, cache: LSCache, *, cfg: LSConfig, n_new):
         vg if cap else stand_in, cache.lengths.contiguous(), (n_new > 0).to(torch.int8), scalars, o_part, lse_part,
         q1.stride(0), q1.stride(1),
         H, W1, cap, cfg.chunk, cfg.rank, split, n_splits,
-        HAS_WINDOW=cfg.window > 0, HEAD_DIM=D, IS_FP64=q.dtype == torch.float64, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d(D), num_warps=4,
+        HAS_WINDOW=cfg.window > 0, HEAD_DIM=D, IS_FP64=q.dtype == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=4,
     )
     _decode_combine_kernel[(B * H,)](
         o_part, lse_part, out, n_splits,

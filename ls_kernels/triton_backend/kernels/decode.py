@@ -27,7 +27,7 @@ def _decode_split_kernel(
 ):
     pid_s = tl.program_id(0)
     off_h, off_b = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-    qk_scale, _, zero, _ = _load_scalars(SCALARS)
+    qk_scale, _eps, zero, _scale = _load_scalars(SCALARS)
     length = tl.load(LENGTHS + off_b)
     real = tl.load(REAL + off_b) != 0
     n_ring = tl.minimum(length, W1)  # ring slots holding a position (all of them once length >= W1)
@@ -48,9 +48,9 @@ def _decode_split_kernel(
     # the span [pid_s * SPLIT, (pid_s + 1) * SPLIT) of the key list: ring slots below W1, then projected vectors
     span_end = tl.minimum((pid_s + 1) * SPLIT, W1 + n_proj)
     for start in range(pid_s * SPLIT, span_end, BLOCK_N):
-        offs, _ = _tile(start, BLOCK_N, span_end)
+        offs, in_span = _tile(start, BLOCK_N, span_end)  # span_end <= W1 + n_proj
         in_ring = offs < n_ring
-        in_proj = (offs >= W1) & (offs < W1 + n_proj) & (offs < span_end)
+        in_proj = (offs >= W1) & in_span
         ring_ptr = bh * W1 * HEAD_DIM + offs.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         proj_ptr = bh * CAP * HEAD_DIM + (offs - W1).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
         # each row from the ring or from the projected vectors (the other load masked off), in the acc dtype
