@@ -7,6 +7,7 @@ Imported by every layer above; imports nothing of the package.
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,12 @@ class LSConfig:
     together when causal; rank: r, projected vectors per sequence (bidirectional) or chunk (causal), 0 for
     none; project_after_ln: the projection reads LN_L(k), LN_L(v); scale: the score scale; eps: the
     LayerNorm epsilon.
+
+    Causal keys beyond the queries (N queries, Nk >= N keys): query row i sits at key position i + query_offset
+    (its window) and at chunk position i + chunk_offset (which projected vectors it sees: those of chunks
+    before (i + chunk_offset) // chunk, of a list counted from chunk 0); None means Nk - N, the last N
+    positions (``offsets``). A shard of a longer sequence sets them apart: its queries see a halo of keys
+    before them and the chunks of the whole sequence before them.
     """
     window: int
     causal: bool
@@ -33,6 +40,13 @@ class LSConfig:
     scale: float
     eps: float = 1e-5
     project_after_ln: bool = False
+    query_offset: Optional[int] = None
+    chunk_offset: Optional[int] = None
+
+    def offsets(self, N, Nk):
+        """(query offset, chunk offset) of N queries against Nk keys."""
+        q_off = Nk - N if self.query_offset is None else self.query_offset
+        return q_off, Nk - N if self.chunk_offset is None else self.chunk_offset
 
     @property
     def half_width(self):

@@ -100,8 +100,9 @@ def _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps):
                     project_after_ln=project_after_ln)
 
 
-def _projected_cfg(window, causal, chunk, rank, scale):
-    return LSConfig(window=window, causal=causal, chunk=chunk, rank=rank, scale=scale)
+def _projected_cfg(window, causal, chunk, rank, scale, query_offset=None, chunk_offset=None):
+    return LSConfig(window=window, causal=causal, chunk=chunk, rank=rank, scale=scale, query_offset=query_offset,
+                    chunk_offset=chunk_offset)
 
 
 def _register_blocked_autograd(fwd_op, bwd_op, n_tensors, n_grads):
@@ -212,14 +213,15 @@ def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor]
 def _(q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, key_padding_mask, window, causal, chunk, project_after_ln,
       scale, eps, store_acc):
     B, H, N, D = q.shape
+    Nk = k.shape[2]  # causal keys beyond the queries: Nk >= N
     acc = acc_dtype(q.dtype)
-    NG = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps).num_projected(N)
+    NG = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps).num_projected(Nk)
     new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
     o_acc = new(B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else new(0)
     projected_kv = q.new_empty((B, H, NG, D), dtype=triton_backend.kernel_dtype(q.dtype))  # kg, vg
     uses_ln = lnl_w is not None and (window > 0 or (proj is not None and project_after_ln))
     return (q.new_empty(q.shape), o_acc, new(B, H, N), projected_kv, projected_kv.clone(), new(B, H, NG, D),
-            new(B, H, NG, D), new(B, H, NG), new(4, B, H, N) if uses_ln else new(0))
+            new(B, H, NG, D), new(B, H, NG), new(4, B, H, Nk) if uses_ln else new(0))
 
 
 @torch.library.custom_op("ls_kernels::attention_triton_bwd", mutates_args=())
@@ -266,27 +268,34 @@ attention_triton_fwd.register_autograd(_attention_triton_backward, setup_context
 
 @torch.library.custom_op("ls_kernels::projected_torch_fwd", mutates_args=())
 def projected_torch_fwd(q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor, key_padding_mask: Optional[Tensor],
-                        window: int, causal: bool, chunk: int, rank: int, scale: float) -> Tensor:
+                        window: int, causal: bool, chunk: int, rank: int, scale: float,
+                        gvis: Optional[Tensor] = None, query_offset: Optional[int] = None,
+                        chunk_offset: Optional[int] = None) -> Tensor:
+    """gvis, query_offset, chunk_offset: a shard of a longer sequence (LSConfig.offsets; gvis (B, G) bool, which
+    projected vectors may be seen)."""
+    cfg = _projected_cfg(window, causal, chunk, rank, scale, query_offset, chunk_offset)
     with no_autocast(q):
-        out = torch_backend.attention(q, k, v, cfg=_projected_cfg(window, causal, chunk, rank, scale), kg=kg, vg=vg,
-                                      pad=key_padding_mask)
+        out = torch_backend.attention(q, k, v, cfg=cfg, kg=kg, vg=vg, pad=key_padding_mask, gvis=gvis)
     return out.contiguous()
 
 
 @projected_torch_fwd.register_fake
-def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale):
+def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, gvis=None, query_offset=None,
+      chunk_offset=None):
     return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("ls_kernels::projected_torch_bwd", mutates_args=())
 def projected_torch_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor,
                         key_padding_mask: Optional[Tensor], window: int, causal: bool, chunk: int, rank: int,
-                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        scale: float, gvis: Optional[Tensor] = None, query_offset: Optional[int] = None,
+                        chunk_offset: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     like = (q, k, v, kg, vg)
+    cfg = _projected_cfg(window, causal, chunk, rank, scale, query_offset, chunk_offset)
     with _autograd_dispatch(), no_autocast(q):
         leaves = [x.detach().requires_grad_() for x in like]
-        out = torch_backend.attention(*leaves[:3], cfg=_projected_cfg(window, causal, chunk, rank, scale),
-                                      kg=leaves[3], vg=leaves[4], pad=key_padding_mask)
+        out = torch_backend.attention(*leaves[:3], cfg=cfg, kg=leaves[3], vg=leaves[4], pad=key_padding_mask,
+                                      gvis=gvis)
         grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
     return _grads_out(grads, like)
 
@@ -312,21 +321,27 @@ class _ProjectedSaved(NamedTuple):
     o_acc: Tensor
     lse: Tensor
     key_padding_mask: Optional[Tensor]
+    gvis: Optional[Tensor]
 
 
 @torch.library.custom_op("ls_kernels::projected_triton_fwd", mutates_args=())
 def projected_triton_fwd(q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor,
                          key_padding_mask: Optional[Tensor], window: int, causal: bool, chunk: int, rank: int,
-                         scale: float, store_acc: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty) and lse."""
+                         scale: float, store_acc: bool, gvis: Optional[Tensor] = None,
+                         query_offset: Optional[int] = None, chunk_offset: Optional[int] = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty) and lse. gvis,
+    query_offset, chunk_offset: as projected_torch_fwd."""
+    cfg = _projected_cfg(window, causal, chunk, rank, scale, query_offset, chunk_offset)
     with no_autocast(q):
-        fwd = triton_backend.forward(q, k, v, cfg=_projected_cfg(window, causal, chunk, rank, scale), kg=kg, vg=vg,
-                                     pad=key_padding_mask, store_acc=store_acc)
+        fwd = triton_backend.forward(q, k, v, cfg=cfg, kg=kg, vg=vg, pad=key_padding_mask, gvis=gvis,
+                                     store_acc=store_acc)
     return fwd.out.contiguous(), (fwd.o_acc.contiguous() if fwd.o_acc is not None else _empty(fwd.lse)), fwd.lse
 
 
 @projected_triton_fwd.register_fake
-def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, store_acc):
+def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, store_acc, gvis=None,
+      query_offset=None, chunk_offset=None):
     B, H, N, D = q.shape
     acc = acc_dtype(q.dtype)
     o_acc = q.new_empty((B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else (0,), dtype=acc)
@@ -335,14 +350,17 @@ def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, sto
 
 @torch.library.custom_op("ls_kernels::projected_triton_bwd", mutates_args=())
 def projected_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor, out: Tensor,
-                         o_acc: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], window: int, causal: bool,
-                         chunk: int, rank: int, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         o_acc: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], gvis: Optional[Tensor],
+                         window: int, causal: bool, chunk: int, rank: int, scale: float,
+                         query_offset: Optional[int] = None, chunk_offset: Optional[int] = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     like = (q, k, v, kg, vg)
     with no_autocast(q):
         grads = triton_backend.backward(grad_out.to(q.dtype), q, k, v,
-                                        cfg=_projected_cfg(window, causal, chunk, rank, scale),
+                                        cfg=_projected_cfg(window, causal, chunk, rank, scale, query_offset,
+                                                           chunk_offset),
                                         o=o_acc if o_acc.numel() > 0 else out, lse=lse, kg=kg, vg=vg,
-                                        pad=key_padding_mask)
+                                        pad=key_padding_mask, gvis=gvis)
     return _grads_out((grads.q, grads.k, grads.v, grads.kg, grads.vg), like)
 
 
@@ -353,14 +371,15 @@ def _(grad_out, q, k, v, kg, vg, *args):
 
 def _projected_triton_setup(ctx, inputs, output):
     q, k, v, kg, vg, pad = inputs[:6]
-    ctx.save_for_backward(*_ProjectedSaved(q, k, v, kg, vg, *output, pad))
-    ctx.cfg = inputs[6:11]
+    gvis, query_offset, chunk_offset = (list(inputs[12:]) + [None] * 3)[:3]
+    ctx.save_for_backward(*_ProjectedSaved(q, k, v, kg, vg, *output, pad, gvis))
+    ctx.cfg = (*inputs[6:11], query_offset, chunk_offset)
 
 
 def _projected_triton_backward(ctx, grad_out, *unused):
     s = _ProjectedSaved(*ctx.saved_tensors)
     grads = projected_triton_bwd(grad_out, *s, *ctx.cfg)
-    return (*_none_if(grads, (s.q, s.k, s.v, s.kg, s.vg), ctx.needs_input_grad), *[None] * 7)
+    return (*_none_if(grads, (s.q, s.k, s.v, s.kg, s.vg), ctx.needs_input_grad), *[None] * 10)
 
 
 projected_triton_fwd.register_autograd(_projected_triton_backward, setup_context=_projected_triton_setup)

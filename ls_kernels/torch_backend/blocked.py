@@ -272,9 +272,10 @@ def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, opts,
     return _combine(parts) if len(parts) > 1 else parts[0]
 
 
-def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT):
+def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT, first=0):
     """Partial softmax of every query over the projected vectors (B, H, nc * r, D) of the chunks before its
-    own; chunk_valid (B, nc): chunks with a real token. Returns (lse, o) as _partial."""
+    own; chunk_valid (B, nc): chunks with a real token; the queries sit at positions first, first + 1, ..
+    (first a multiple of chunk). Returns (lse, o) as _partial."""
     B, H, N, D = q.shape
     nc = chunk_valid.shape[1]
     group = min(opts.causal_global_elems // max(B * H * nc * r, 1), opts.causal_global_group)
@@ -290,20 +291,27 @@ def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT):
         shared[:, nc * r:].masked_fill_(~own, float("-inf"))
     parts = []
     for start in range(0, N, group):
-        args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, start, chunk, r, scale, opts)
+        args = (q[:, :, start:start + group], k_g, v_g, chunk_valid, first + start, chunk, r, scale, opts)
         parts.append(checkpoint(_causal_global_group, *args, use_reentrant=False) if use_ckpt
                      else _causal_global_group(*args, shared=shared))
     return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(2))
 
 
 def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
-              opts=DEFAULT):
+              gvis=None, opts=DEFAULT):
     """Blocked long-short attention of validated inputs, in q's dtype.
 
     q, k, v (B, H, N, D); proj (B, H, N, r): the projection runs here (LN_L when cfg.project_after_ln, then
     LN_G); or kg, vg (B, H, NG, D): projected keys and values as given (NG = cfg.num_projected(N)); or
     neither: window only. ln_local, ln_global: (weight, bias) of (D,) or (H, D), or None; pad (B, N) bool.
+
+    With cfg offsets (a shard of a longer sequence; kg, vg given): k, v (B, H, Nk, D) and pad (B, Nk) over
+    Nk keys, query row i at key position i + query_offset (the window part runs on queries padded with zero
+    rows to the Nk positions, and keeps the N real rows) and at chunk position i + chunk_offset (a multiple of
+    the chunk); gvis (B, NG) bool: which of the given projected vectors may be seen.
     """
+    if cfg.query_offset is not None or cfg.chunk_offset is not None:
+        return _shard_attention(q, k, v, cfg=cfg, kg=kg, vg=vg, pad=pad, gvis=gvis, opts=opts)
     B, H, N, D = q.shape
     acc = acc_dtype(q.dtype)
     mask = torch.zeros(B, N, dtype=torch.bool, device=q.device) if pad is None else pad
@@ -315,7 +323,8 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
         kg, vg, seen = project(proj, k_src, v_src, mask, causal=cfg.causal, chunk=cfg.chunk, ln_global=ln_global,
                                eps=cfg.eps)
     elif kg is not None:
-        seen = projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal, chunk=cfg.chunk, device=q.device)
+        seen = gvis if gvis is not None else projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal,
+                                                                  chunk=cfg.chunk, device=q.device)
         kg, vg = (x if all_finite(x) else x.masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
     if _fused(q, opts) and not (all_finite(k_loc) and (kg is None or all_finite(kg))):
         # the fused kernel gives rows whose every score is -inf (an infinite key) lse = 0 instead of -inf
@@ -336,3 +345,30 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
     if pad is not None:
         out = out.masked_fill(pad[:, None, :, None], 0.0)
     return out.to(q.dtype)
+
+
+def _shard_attention(q, k, v, *, cfg, kg, vg, pad, gvis, opts):
+    """``attention`` of N queries against Nk window keys and given projected vectors, with cfg's offsets: the
+    projected part over the real queries (at chunk positions chunk_offset ..), the window part over the queries
+    padded with zero rows to the key positions (their rows dropped), merged."""
+    B, H, N, D = q.shape
+    Nk = k.shape[2]
+    q_off, c_off = cfg.offsets(N, Nk)
+    mask = torch.zeros(B, Nk, dtype=torch.bool, device=q.device) if pad is None else pad
+    q, k, v = (zero_padded_unless_finite(x, m) for x, m in ((q, mask[:, q_off:q_off + N]), (k, mask), (v, mask)))
+    parts = []
+    if kg is not None and kg.shape[2] > 0:
+        seen = torch.ones(B, kg.shape[2], dtype=torch.bool, device=q.device) if gvis is None else gvis
+        kg, vg = (x.to(q.dtype).masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
+        if cfg.causal:
+            parts.append(global_causal(q, kg, vg, seen[:, ::cfg.rank], cfg.chunk, cfg.rank, cfg.scale, opts,
+                                       first=c_off))
+        else:
+            parts.append(_partial(q, kg, vg, seen[:, None, None, :], cfg.scale, opts))
+    if cfg.window > 0:
+        q_all = torch.cat([q.new_zeros(B, H, q_off, D), q, q.new_zeros(B, H, Nk - N - q_off, D)], dim=2)
+        local = _local_causal if cfg.causal else _local_bidirectional
+        lse, o = local(q_all, k, v, mask, cfg.window, cfg.scale, opts)
+        parts.append((lse[:, :, q_off:q_off + N], o[:, :, q_off:q_off + N]))
+    out = _merge(parts)
+    return out.masked_fill(mask[:, None, q_off:q_off + N, None], 0.0).to(q.dtype)

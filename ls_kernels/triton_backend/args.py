@@ -56,11 +56,13 @@ def pad_int8(pad):
     return pad8, pad8.stride(0)
 
 
-def gvis_int8(pad, B, N, rank, causal, chunk, NG, device):
-    """(B, NG) int8, contiguous: whether each projected vector comes from a sequence / chunk with real tokens."""
+def gvis_int8(pad, B, N, rank, causal, chunk, NG, device, given=None):
+    """(B, NG) int8, contiguous: whether each projected vector comes from a sequence / chunk with real tokens
+    (given: that (B, NG) bool, as the caller knows it)."""
     if NG == 0:
         return torch.empty(B, 0, dtype=torch.int8, device=device)
-    vis = projected_visibility(pad, B, N, rank, causal=causal, chunk=chunk, device=device)
+    vis = given if given is not None else projected_visibility(pad, B, N, rank, causal=causal, chunk=chunk,
+                                                                device=device)
     return vis.to(torch.int8).contiguous()
 
 

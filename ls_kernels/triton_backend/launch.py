@@ -112,6 +112,17 @@ def _given(kg, vg, acc, like):
     return Projected(kg, vg, none, none, like.new_empty(B, H, 0, dtype=acc))
 
 
+def _shard_visibility(cfg, gvis, kg, pad, B, Nk, device):
+    """(gvis, pad) as the kernels read them. A shard of a longer sequence (cfg offsets) cannot tell from its
+    padding which of the given projected vectors may be seen: all of them unless gvis says otherwise. The
+    kernels read GVIS only with a mask: a mask of no padding where there is none."""
+    if gvis is None and kg is not None and (cfg.query_offset is not None or cfg.chunk_offset is not None):
+        gvis = torch.ones(B, kg.shape[2], dtype=torch.bool, device=device)
+    if gvis is not None and pad is None:
+        pad = torch.zeros(B, Nk, dtype=torch.bool, device=device)
+    return gvis, pad
+
+
 def _local_keys(k, v, *, needed, ln_local, pad8, stride_pad, scalars):
     """(kn, vn, ln_stats): LN_L(k), LN_L(v) in k's dtype, written once by _ln_local_kernel (when needed, by the
     window or by the projection), with each row's statistics (4, B, H, N) (k's means, k's rstd, v's means, v's
@@ -143,18 +154,22 @@ class Forward(NamedTuple):
 
 
 def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
-            store_acc=False, gpu_tiles=GPU_TILES):
+            gvis=None, store_acc=False, gpu_tiles=GPU_TILES):
     """Long-short attention forward of validated inputs.
 
-    q, k, v (B, H, N, D), any strides; proj (B, H, N, r): the projection runs here (LN_L when
-    cfg.project_after_ln, then LN_G); or kg, vg (B, H, NG, D): projected keys and values as given; or
-    neither: window only. ln_local, ln_global: (weight, bias) of (D,) or (H, D), or None; pad (B, N) bool.
+    q (B, H, N, D), k, v (B, H, Nk, D) (causal Nk >= N: the queries are the last N positions), any strides;
+    proj (B, H, Nk, r): the projection runs here (LN_L when cfg.project_after_ln, then LN_G); or kg, vg
+    (B, H, NG, D): projected keys and values as given; or neither: window only. ln_local, ln_global:
+    (weight, bias) of (D,) or (H, D), or None; pad (B, Nk) bool; gvis (B, NG) bool: which given projected
+    vectors may be seen (default: from pad, cfg.offsets place the queries).
     store_acc: also keep the output unrounded (fp32) for the backward; with fp16/bf16 outputs,
     rowsum(dO * O) from the rounded O is the backward's largest error. Returns a Forward.
     """
     dtype = q.dtype
     q, k, v = _kernel_tensors(q, k, v)
     B, H, N, D = q.shape
+    Nk = k.shape[2]
+    gvis, pad = _shard_visibility(cfg, gvis, kg, pad, B, Nk, q.device)
     device = q.device
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, device)
     acc = scalars.dtype
@@ -169,7 +184,8 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     else:
         projected = _given(kg, vg, acc, q)
     NG, rank = projected.kg.shape[2], max(cfg.rank, 1)
-    gvis = gvis_int8(pad, B, N, rank, cfg.causal, cfg.chunk, NG, device)
+    gvis = gvis_int8(pad, B, Nk, rank, cfg.causal, cfg.chunk, NG, device, given=gvis)
+    q_off, c_off = cfg.offsets(N, Nk)
     tiles = fwd_config(D, q.dtype, gpu_tiles)
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     keep_acc = store_acc and dtype in HALF_DTYPES
@@ -179,7 +195,7 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
         q, kn, vn, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), scalars,
         out, o_acc, lse,
         *bhn_strides(q, kn, vn, out), stride_pad,
-        H, N, NG, cfg.window, cfg.half_width, cfg.chunk, rank,
+        H, N, Nk, q_off, c_off, NG, cfg.window, cfg.half_width, cfg.chunk, rank,
         HEAD_DIM=D, CAUSAL=cfg.causal, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
         IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_ACC=keep_acc,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), BLOCK_D=block_d(D),
@@ -196,35 +212,37 @@ def _common(q, cfg, tiles):
                 num_stages=tiles.num_stages)
 
 
-def _delta(o, do, *, pad8, stride_pad, acc):
-    """rowsum(dO * O) (B, H, N) in the accumulation dtype, 0 at padded queries whatever dO holds there."""
+def _delta(o, do, *, pad8, stride_pad, q_off, acc):
+    """rowsum(dO * O) (B, H, N) in the accumulation dtype, 0 at padded queries whatever dO holds there (query
+    row i at padding position i + q_off)."""
     B, H, N, D = do.shape
     delta = torch.empty(B, H, N, dtype=acc, device=do.device)
     _ls_bwd_delta_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), H, B)](
         o.contiguous(), do, pad8 if pad8 is not None else absent(do.device), delta,
-        do.stride(0), do.stride(1), do.stride(2), stride_pad, H, N,
+        do.stride(0), do.stride(1), do.stride(2), stride_pad, H, N, q_off,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
     )
     return delta
 
 
-def _dq(q, kw, vw, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, scalars, tiles):
+def _dq(q, kw, vw, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, tiles):
     """dQ (q's dtype) by _ls_bwd_dq_kernel; kw, vw: the window keys and values as the forward read them."""
     B, H, N, D = q.shape
+    Nk = kw.shape[2]
     NG = projected.kg.shape[2]
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     _ls_bwd_dq_kernel[(triton.cdiv(N, tiles.block_m), H, B)](
         q, kw, vw, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device),
         scalars, do, lse, delta, dq,
         *bhn_strides(q, kw, vw, do), stride_pad,
-        H, N, NG, cfg.window, cfg.half_width, cfg.chunk, max(cfg.rank, 1),
+        H, N, Nk, *offsets, NG, cfg.window, cfg.half_width, cfg.chunk, max(cfg.rank, 1),
         HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
         BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), **_common(q, cfg, tiles),
     )
     return dq
 
 
-def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, scalars, ln_global, tiles):
+def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, ln_global, tiles):
     """Gradients of the projected vectors before LN_G (of kg, vg themselves without it), (B, H, NG, D) in the
     accumulation dtype: per-split partials of _ls_bwd_dkv_global_kernel (each split holds at most split_len
     queries, counted from the first query that sees the block of vectors, so that programs are even), summed
@@ -246,7 +264,7 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
         q, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device), scalars, do, lse,
         delta, dkg_part, dvg_part,
         *bhn_strides(q, do), stride_pad,
-        H, N, NG, cfg.chunk, max(cfg.rank, 1), split_len,
+        H, N, *offsets, NG, cfg.chunk, max(cfg.rank, 1), split_len,
         HAS_PAD=pad8 is not None, BLOCK_G=BLOCK_G, **_common(q, cfg, tiles),
     )
     has_col_dot = projected.k_raw.shape[2] == NG  # the projection ran here: its backward follows
@@ -272,17 +290,18 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, sc
     return dk_raw, dv_raw, col_dot, dlnw_part.sum(dims), dlnb_part.sum(dims)
 
 
-def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, ln_stats, scalars, dk_src, dv_src, src_mode,
-         src_len, tiles):
+def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, offsets, ln_local, ln_stats, scalars, dk_src, dv_src,
+         src_mode, src_len, tiles):
     """Window dK, dV (k's dtype) by _ls_bwd_dkv_kernel, with the LN_L backward and the projection's gradients
     dk_src, dv_src (below src_len) added (src_mode). Returns dk, dv, the window keys and values as the forward
     read them (LN_L(k), LN_L(v) written by the kernel, or k, v) and the per-block LN_L weight and bias gradient
     partials (B, H, n_kblk, D)."""
     B, H, N, D = q.shape
+    Nk = k.shape[2]
     acc = scalars.dtype
     lnw, lnb, stride_lnh = ln_params(ln_local, H, D, acc, q.device)
-    n_kblk = triton.cdiv(N, tiles.block_n)  # programs own BLOCK_N keys, visit BLOCK_M queries at a time
-    dk = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device)  # contiguous: the kernel indexes it so
+    n_kblk = triton.cdiv(Nk, tiles.block_n)  # programs own BLOCK_N keys, visit BLOCK_M queries at a time
+    dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=q.device)  # contiguous: the kernel indexes it so
     dv = torch.empty_like(dk)
     writes_ln = ln_stats is not None and cfg.window > 0
     kn, vn = (torch.empty_like(dk), torch.empty_like(dk)) if writes_ln else (k, v)
@@ -293,7 +312,7 @@ def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, ln_stats, 
         dk_src if dk_src is not None else absent(q.device), dv_src if dv_src is not None else absent(q.device),
         dk, dv, kn, vn, ln_stats if ln_stats is not None else absent(q.device), dlnw_part, dlnb_part,
         *bhn_strides(q, k, v, do), stride_pad, stride_lnh,
-        H, N, cfg.window, cfg.half_width, src_len,
+        H, N, Nk, offsets[0], cfg.window, cfg.half_width, src_len,
         HAS_LOCAL=cfg.window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_stats is not None,
         BLOCK_N=tiles.block_n, **_common(q, cfg, tiles),
     )
@@ -301,7 +320,7 @@ def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, ln_local, ln_stats, 
 
 
 def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, ln_stats=None, proj=None, kg=None, vg=None,
-             ln_local=None, ln_global=None, pad=None, gpu_tiles=GPU_TILES):
+             ln_local=None, ln_global=None, pad=None, gvis=None, gpu_tiles=GPU_TILES):
     """Gradients of ``forward``'s inputs: o is its o_acc (or its out), lse, projected and ln_stats what it
     returned (projected with proj; ln_stats with ln_local), or kg, vg the projected keys and values it was
     given. Returns Grads: with proj, the gradients of
@@ -312,16 +331,19 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, ln_stats=Non
                          f"(here {uses_ln}), got {None if ln_stats is None else tuple(ln_stats.shape)}")
     q, k, v, do = _kernel_tensors(q, k, v, do)
     B, H, N, D = q.shape
+    Nk = k.shape[2]
+    gvis, pad = _shard_visibility(cfg, gvis, kg, pad, B, Nk, q.device)
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
     acc = scalars.dtype
     if projected is None:
         projected = _given(kg, vg, acc, q)
     pad8, stride_pad = pad_int8(pad)
-    delta = _delta(o, do, pad8=pad8, stride_pad=stride_pad, acc=acc)
+    offsets = cfg.offsets(N, Nk)
+    delta = _delta(o, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
     NG = projected.kg.shape[2]
-    gvis = gvis_int8(pad, B, N, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device)
+    gvis = gvis_int8(pad, B, Nk, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device, given=gvis)
     tiles = bwd_config(D, q.dtype, gpu_tiles)
-    where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, scalars=scalars)
+    where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, offsets=offsets, scalars=scalars)
 
     grads = {}
     dk_src = dv_src = None

@@ -15,15 +15,15 @@ from .visibility import _query_bounds, _tile_split, _visit_keys
 def _ls_bwd_delta_kernel(
     O,  # [B, H, N, HEAD_DIM] contiguous: the forward's output (fp32 when kept unrounded)
     DO,  # [B, H, N, HEAD_DIM], unit last stride
-    PAD,  # [B, N] int8, nonzero = padding
+    PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     DELTA,  # [B, H, N] contiguous, accumulation dtype: rowsum(dO * O), 0 at padded queries
     stride_dob, stride_doh, stride_don, stride_padb,
-    H, N,
+    H, N, Q_OFF,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, _ = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
-    q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # [BLOCK_M]: dO at padding ignored
+    q_ok = _real_rows(PAD + off_b * stride_padb + Q_OFF, offs_m, mask_m, HAS_PAD)  # [BLOCK_M]: dO at padding ignored
     row = (off_b * H + off_h) * N + offs_m.to(tl.int64)
     o = _load_rows(O, row, HEAD_DIM, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
@@ -34,10 +34,10 @@ def _ls_bwd_delta_kernel(
 @triton.jit
 def _ls_bwd_dq_kernel(
     Q,  # [B, H, N, HEAD_DIM], unit last stride
-    K, V,  # [B, H, N, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
+    K, V,  # [B, H, NK, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
     KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype
     GVIS,  # [B, NG] int8
-    PAD,  # [B, N] int8, nonzero = padding
+    PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous: the forward's logsumexp, rowsum(dO * O)
@@ -45,7 +45,7 @@ def _ls_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,  # (B, H, N) strides of Q, K, V, DO
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_padb,
-    H, N, NG, WINDOW, HALF, CHUNK, RANK,
+    H, N, NK, Q_OFF, C_OFF, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -53,7 +53,7 @@ def _ls_bwd_dq_kernel(
     """dQ of a block of queries: probabilities recomputed from the logsumexp, same key sets as the forward."""
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
     qk_scale, _, zero, scale = _load_scalars(SCALARS)
-    q_ok = _real_rows(PAD + off_b * stride_padb, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
+    q_ok = _real_rows(PAD + off_b * stride_padb + Q_OFF, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, stride_qn, q_ok, offs_d, mask_d)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
     lse = tl.load(LSE + (off_b * H + off_h) * N + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
@@ -61,7 +61,8 @@ def _ls_bwd_dq_kernel(
     _, _, dq = _visit_keys(  # dq: [BLOCK_M, BLOCK_D], from zeros
         q, do, lse, delta, lse, delta, tl.zeros([BLOCK_M, BLOCK_D], tl.float32) + zero, qk_scale, K, V, KG, VG,
         GVIS, PAD, off_b, off_h, H, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb,
-        offs_m, start_m, last_m, offs_d, mask_d, N, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL,
+        offs_m, start_m, last_m, offs_d, mask_d, NK, Q_OFF, C_OFF, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL,
+        HAS_GLOBAL,
         HAS_PAD, HEAD_DIM, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_N, BLOCK_G, DQ=True)
     dq = dq * scale
     dq_ptrs = DQ + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
@@ -98,23 +99,24 @@ def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_b
 
 @triton.jit
 def _ls_bwd_dkv_kernel(
-    Q, K, V,  # [B, H, N, HEAD_DIM], unit last stride
-    PAD,  # [B, N] int8, nonzero = padding
+    Q,  # [B, H, N, HEAD_DIM], unit last stride
+    K, V,  # [B, H, NK, HEAD_DIM], unit last stride
+    PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous
-    DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, k's dtype: the projection's gradients of k_P, v_P
-    DK, DV,  # [B, H, N, HEAD_DIM] contiguous, k's dtype
-    KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
-    LN_STATS,  # [4, B, H, N] contiguous, accumulation dtype: the forward's _ln_local_kernel row statistics
+    DK_SRC, DV_SRC,  # [B, H, NK, HEAD_DIM] contiguous, k's dtype: the projection's gradients of k_P, v_P
+    DK, DV,  # [B, H, NK, HEAD_DIM] contiguous, k's dtype
+    KN, VN,  # [B, H, NK, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
+    LN_STATS,  # [4, B, H, NK] contiguous, accumulation dtype: the forward's _ln_local_kernel row statistics
     DLNW_PART, DLNB_PART,  # [B, H, n_key_blocks, HEAD_DIM]: LN_L weight and bias gradients per key block
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
     stride_padb, stride_lnh,
-    H, N, WINDOW, HALF, SRC_LEN,
+    H, N, NK, Q_OFF, WINDOW, HALF, SRC_LEN,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, SRC_MODE: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -125,7 +127,7 @@ def _ls_bwd_dkv_kernel(
     it read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2)."""
     pid_n, off_h, off_b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
-    offs_n, mask_n = _tile(start_n, BLOCK_N, N)
+    offs_n, mask_n = _tile(start_n, BLOCK_N, NK)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
     qk_scale, eps, zero, scale = _load_scalars(SCALARS)
     k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -135,23 +137,26 @@ def _ls_bwd_dkv_kernel(
     k = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
     v = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
-    row = (off_b * H + off_h) * N + offs_n.to(tl.int64)  # [BLOCK_N]
+    row = (off_b * H + off_h) * NK + offs_n.to(tl.int64)  # [BLOCK_N]
     out = row[:, None] * HEAD_DIM + offs_d[None, :]
     mask_nd = mask_n[:, None] & mask_d[None, :]
     if HAS_LN:  # the forward's statistics: no reductions here
         k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n,
-                                                            tl.num_programs(2).to(tl.int64) * H * N)
+                                                            tl.num_programs(2).to(tl.int64) * H * NK)
         k = _affine_rows(k + zero, k_mean, k_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
         v = _affine_rows(v + zero, v_mean, v_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
 
     if HAS_LOCAL:
-        q_lo, q_hi = _query_bounds(offs_n, N, WINDOW, HALF, CAUSAL)  # [BLOCK_N]
-        last_n = tl.minimum(start_n + BLOCK_N, N) - 1
-        first_lo, first_hi = _query_bounds(start_n, N, WINDOW, HALF, CAUSAL)
-        last_lo, last_hi = _query_bounds(last_n, N, WINDOW, HALF, CAUSAL)
-        m0, m1, m2, m3 = _tile_split(first_lo, last_hi, last_lo, first_hi, BLOCK_M)
+        # the query rows [q_lo, q_hi) whose windows hold each key: positions of the key frame less Q_OFF
+        q_lo, q_hi = _query_bounds(offs_n, NK, WINDOW, HALF, CAUSAL)  # [BLOCK_N]
+        q_lo, q_hi = tl.maximum(q_lo - Q_OFF, 0), q_hi - Q_OFF
+        last_n = tl.minimum(start_n + BLOCK_N, NK) - 1
+        first_lo, first_hi = _query_bounds(start_n, NK, WINDOW, HALF, CAUSAL)
+        last_lo, last_hi = _query_bounds(last_n, NK, WINDOW, HALF, CAUSAL)
+        m0, m1, m2, m3 = _tile_split(tl.maximum(first_lo - Q_OFF, 0), last_hi - Q_OFF, tl.maximum(last_lo - Q_OFF, 0),
+                                     first_hi - Q_OFF, BLOCK_M)
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base, delta_base = LSE + (off_b * H + off_h) * N, DELTA + (off_b * H + off_h) * N
@@ -164,17 +169,17 @@ def _ls_bwd_dkv_kernel(
                 else:
                     m_start, m_stop = m2, m3
                 dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base,
-                                          delta_base, pad_base, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d,
+                                          delta_base, pad_base + Q_OFF, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d,
                                           mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M,
                                           part != 1)
         else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
             dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                      pad_base, qk_scale, q_lo, q_hi, m0, m3, offs_d, mask_d, N, HAS_PAD,
+                                      pad_base + Q_OFF, qk_scale, q_lo, q_hi, m0, m3, offs_d, mask_d, N, HAS_PAD,
                                       HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
         if HAS_LN:  # after the loop: stored before it, the fp32 kernels spill
             tl.store(KN + out, k, mask=mask_nd)
             tl.store(VN + out, v, mask=mask_nd)
-        dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past N have no gradient
+        dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past NK have no gradient
         dv = tl.where(key_ok[:, None], dv, 0.0)
 
     src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]
@@ -201,7 +206,7 @@ def _ls_bwd_dkv_global_kernel(
     Q,  # [B, H, N, HEAD_DIM], unit last stride
     KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype
     GVIS,  # [B, NG] int8
-    PAD,  # [B, N] int8, nonzero = padding
+    PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     LSE, DELTA,  # [B, H, N] contiguous
@@ -209,7 +214,7 @@ def _ls_bwd_dkv_global_kernel(
     stride_qb, stride_qh, stride_qn,
     stride_dob, stride_doh, stride_don,
     stride_padb,
-    H, N, NG, CHUNK, RANK, SPLIT_LEN,
+    H, N, Q_OFF, C_OFF, NG, CHUNK, RANK, SPLIT_LEN,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -232,10 +237,10 @@ def _ls_bwd_dkv_global_kernel(
     vg = tl.load(VG + rows, mask=g_ok[:, None] & mask_d[None, :], other=0.0)
     dkg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
     dvg = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + zero
-    if CAUSAL:  # query t sees vector g when g < (t // CHUNK) * RANK: from the end of g's chunk on
-        q_first = (offs_g // RANK + 1) * CHUNK  # [BLOCK_G]
-        first_seen = (start_g // RANK + 1) * CHUNK
-        all_seen = ((tl.minimum(start_g + BLOCK_G, NG) - 1) // RANK + 1) * CHUNK
+    if CAUSAL:  # query row i sees vector g when g < ((i + C_OFF) // CHUNK) * RANK: from the end of g's chunk on
+        q_first = tl.maximum((offs_g // RANK + 1) * CHUNK - C_OFF, 0)  # [BLOCK_G]
+        first_seen = tl.maximum((start_g // RANK + 1) * CHUNK - C_OFF, 0)
+        all_seen = tl.maximum(((tl.minimum(start_g + BLOCK_G, NG) - 1) // RANK + 1) * CHUNK - C_OFF, 0)
     else:
         q_first = tl.zeros([BLOCK_G], tl.int32)
         first_seen = 0
@@ -256,12 +261,12 @@ def _ls_bwd_dkv_global_kernel(
             else:
                 m_start, m_stop = m2, m3
             dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base,
-                                        delta_base, PAD + off_b * stride_padb, qk_scale, q_first, q_end, m_start,
+                                        delta_base, PAD + off_b * stride_padb + Q_OFF, qk_scale, q_first, q_end, m_start,
                                         m_stop, offs_d, mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION,
                                         BLOCK_M, part != 1)
     else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
         dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                    PAD + off_b * stride_padb, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N,
+                                    PAD + off_b * stride_padb + Q_OFF, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N,
                                     HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
     dkg = tl.where(g_ok[:, None], dkg * scale, 0.0)  # invisible vectors have no gradient
     dvg = tl.where(g_ok[:, None], dvg, 0.0)

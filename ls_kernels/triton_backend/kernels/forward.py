@@ -1,5 +1,6 @@
 """The forward kernel: for a block of queries, ONE online softmax over the projected vectors visible to the
-block and its window keys (LN_L applied beforehand by the pre-pass). Writes O and an fp32 logsumexp per
+block and its window keys (LN_L applied beforehand by the pre-pass). N queries, NK >= N keys (causal keys
+beyond the queries: query row i sits at key position i + Q_OFF, chunk position i + C_OFF). Writes O and an fp32 logsumexp per
 query (+inf for queries that see nothing or are padded, so the backward recomputes zero probabilities for
 them)."""
 import triton
@@ -12,10 +13,10 @@ from .visibility import _visit_keys
 @triton.jit
 def _ls_fwd_kernel(
     Q,  # [B, H, N, HEAD_DIM], unit last stride
-    K, V,  # [B, H, N, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
+    K, V,  # [B, H, NK, HEAD_DIM], unit last stride, q's dtype: the window keys and values (LN_L applied)
     KG, VG,  # [B, H, NG, HEAD_DIM] contiguous, q's dtype: projected keys and values
     GVIS,  # [B, NG] int8: the projected vector's sequence or chunk has a real token
-    PAD,  # [B, N] int8, nonzero = padding
+    PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     SCALARS,  # [4]: _load_scalars
     O,  # [B, H, N, HEAD_DIM] output, q's dtype
     O_ACC,  # [B, H, N, HEAD_DIM] contiguous, fp32: the unrounded output (STORE_ACC)
@@ -25,7 +26,7 @@ def _ls_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     stride_padb,
-    H, N, NG, WINDOW, HALF, CHUNK, RANK,
+    H, N, NK, Q_OFF, C_OFF, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
     HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, STORE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -40,7 +41,8 @@ def _ls_fwd_kernel(
 
     m_i, l_i, acc = _visit_keys(
         q, q, m_i, m_i, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, PAD, off_b, off_h, H, stride_kb, stride_kh,
-        stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, offs_m, start_m, last_m, offs_d, mask_d, N, NG,
+        stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, offs_m, start_m, last_m, offs_d, mask_d, NK, Q_OFF,
+        C_OFF, NG,
         WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HEAD_DIM, HEAD_DIM == BLOCK_D, IS_FP64,
         PRECISION, BLOCK_N, BLOCK_G, DQ=False)
     seen = l_i > 0
@@ -52,7 +54,7 @@ def _ls_fwd_kernel(
         log_l = tl.log2(l_safe)
     lse = tl.where(seen, m_i + log_l, float("inf"))
     if HAS_PAD:
-        q_pad = tl.load(PAD + off_b * stride_padb + offs_m, mask=mask_m, other=1) != 0
+        q_pad = tl.load(PAD + off_b * stride_padb + Q_OFF + offs_m, mask=mask_m, other=1) != 0
         out = tl.where(q_pad[:, None], 0.0, out)
         lse = tl.where(q_pad, float("inf"), lse)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]

@@ -119,7 +119,7 @@ def _projected_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, kg_base, vg_bas
 @triton.jit
 def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, PAD, off_b, off_h, H, stride_kb,
                 stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, offs_m, start_m, last_m, offs_d,
-                mask_d, N, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr,
+                mask_d, NK, Q_OFF, C_OFF, NG, WINDOW, HALF, CHUNK, RANK, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr,
                 HAS_GLOBAL: tl.constexpr, HAS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
                 IS_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                 DQ: tl.constexpr):
@@ -128,13 +128,15 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
     edge tiles). q, do
     [BLOCK_M, BLOCK_D]; lse, delta, m_i, l_i [BLOCK_M]; acc [BLOCK_M, BLOCK_D] (the forward passes its state and
     q, m_i in place of do, lse, delta; the dQ kernel passes lse, delta in place of m_i, l_i). K, V: the window
-    keys and values as the kernels read them (LN_L applied); KG, VG [B, H, NG, HEAD_DIM] contiguous."""
+    keys and values as the kernels read them (LN_L applied), NK rows; KG, VG [B, H, NG, HEAD_DIM] contiguous.
+    Query row i sits at key position i + Q_OFF (its window) and chunk position i + C_OFF (its projected prefix):
+    both are Nk - Nq for keys beyond the queries, 0 otherwise."""
     if HAS_GLOBAL:
         g_base = (off_b * H + off_h) * NG * HEAD_DIM
         if CAUSAL:  # the chunks before each query's own, RANK vectors each
-            g_lim = tl.minimum((offs_m // CHUNK) * RANK, NG)  # [BLOCK_M]
-            g_every = tl.minimum((start_m // CHUNK) * RANK, NG)  # seen by every query of the block
-            g_any = tl.minimum((last_m // CHUNK) * RANK, NG)  # by some query
+            g_lim = tl.minimum(((offs_m + C_OFF) // CHUNK) * RANK, NG)  # [BLOCK_M]
+            g_every = tl.minimum(((start_m + C_OFF) // CHUNK) * RANK, NG)  # seen by every query of the block
+            g_any = tl.minimum(((last_m + C_OFF) // CHUNK) * RANK, NG)  # by some query
         else:
             g_lim = tl.full([offs_m.shape[0]], 0, tl.int32) + NG
             g_every = NG
@@ -149,9 +151,9 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
                                          GVIS + off_b * NG, g_lim, g_interior, g_any, offs_d, mask_d, HAS_PAD,
                                          HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_G, DQ, MASKED=True)
     if HAS_LOCAL:
-        win_lo, win_hi = _window_bounds(offs_m, N, WINDOW, HALF, CAUSAL)  # [BLOCK_M]
-        first_lo, first_hi = _window_bounds(start_m, N, WINDOW, HALF, CAUSAL)
-        last_lo, last_hi = _window_bounds(last_m, N, WINDOW, HALF, CAUSAL)
+        win_lo, win_hi = _window_bounds(offs_m + Q_OFF, NK, WINDOW, HALF, CAUSAL)  # [BLOCK_M]
+        first_lo, first_hi = _window_bounds(start_m + Q_OFF, NK, WINDOW, HALF, CAUSAL)
+        last_lo, last_hi = _window_bounds(last_m + Q_OFF, NK, WINDOW, HALF, CAUSAL)
         n0, n1, n2, n3 = _tile_split(first_lo, last_hi, last_lo, first_hi, BLOCK_N)
         k_base, v_base = K + off_b * stride_kb + off_h * stride_kh, V + off_b * stride_vb + off_h * stride_vh
         pad_base = PAD + off_b * stride_padb
@@ -165,10 +167,10 @@ def _visit_keys(q, do, lse, delta, m_i, l_i, acc, qk_scale, K, V, KG, VG, GVIS, 
                     n_start, n_stop = n2, n3
                 m_i, l_i, acc = _window_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, k_base, v_base, stride_kn,
                                               stride_vn, pad_base, offs_m, win_lo, win_hi, n_start, n_stop, offs_d,
-                                              mask_d, N, HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ,
+                                              mask_d, NK, HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ,
                                               part != 1)
         else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
             m_i, l_i, acc = _window_tiles(q, do, lse, delta, m_i, l_i, acc, qk_scale, k_base, v_base, stride_kn,
-                                          stride_vn, pad_base, offs_m, win_lo, win_hi, n0, n3, offs_d, mask_d, N,
+                                          stride_vn, pad_base, offs_m, win_lo, win_hi, n0, n3, offs_d, mask_d, NK,
                                           HAS_PAD, HEAD_DIM, EVEN_D, IS_FP64, PRECISION, BLOCK_N, DQ, True)
     return m_i, l_i, acc
