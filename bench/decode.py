@@ -135,21 +135,24 @@ def plot(df, path):
         ax.set_xlabel("context t (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle(f"Decoding, {df.config.iloc[0]} on {df.device.iloc[0]}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 
 def table(df):
-    """README table: ms per token and cache MiB per method, batch and context."""
+    """README table: ms per token of each method, and the cache MiB of ls_decode against a full KV cache."""
     ok = df[df.status == "ok"]
-    wide = ok.pivot_table(index=["batch", "context"], columns=["metric", "method"], values="median")
-    lines = ["| batch | context | " + " | ".join(f"{m} {u}" for u, m in wide.columns) + " |",
-             "|---" * (2 + len(wide.columns)) + "|"]
-    for (b, t), row in wide.iterrows():
-        cells = ["" if pd.isna(x) else f"{x:.3g}" for x in row]
+    get = lambda m, metric: ok[(ok.method == m) & (ok.metric == metric)].set_index(["batch", "context"])["median"]  # noqa
+    cols = [(f"{m} ms/token", get(m, "latency")) for m in METHODS]
+    cols += [("ls cache MiB", get("ls_decode", "cache")), ("full KV cache MiB", get("full_kv_sdpa", "cache"))]
+    keys = sorted(set().union(*(c.index for _, c in cols)))
+    lines = ["| batch | context | " + " | ".join(name for name, _ in cols) + " |", "|---" * (2 + len(cols)) + "|"]
+    for b, t in keys:
+        cells = [f"{c[(b, t)]:.3g}" if (b, t) in c.index else "" for _, c in cols]
         lines.append(f"| {b} | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
