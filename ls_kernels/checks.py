@@ -11,7 +11,8 @@ import numbers
 import torch
 
 from .cache import LSCache, right_padding_lengths
-from .config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale
+from .config import (INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale,
+                     half_width)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
@@ -424,3 +425,33 @@ def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, pr
                    scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
                    project_after_ln=bool(project_after_ln))
     return cfg, n_new
+
+
+def check_layer_sharded(training, dropout):
+    """A layer with a process group: no dropout on the attention probabilities (the sharded path has none)."""
+    if training and dropout > 0:
+        raise ValueError(f"process_group: the sharded layer has no attention dropout, but the layer is in "
+                         f"training mode with dropout {dropout}; use dropout=0 or layer.eval()")
+
+
+def check_shard_lengths(lengths, *, window, causal, chunk, rank):
+    """The shard lengths of a context-parallel call (every rank's, in rank order; the same list on every rank,
+    so that every rank raises alike): bidirectional windows must not cross a shard boundary (every shard but
+    the last a whole number of segments of w) and each shard holds the halo it sends (at least max(w // 2, 1));
+    causal chunks must not cross one (every shard but the last a multiple of chunk) and the w - 1 keys before
+    a shard come from one neighbour (every shard but the last at least w - 1)."""
+    rules = []
+    if min(lengths) < 1:
+        rules.append("every shard must hold at least one position")
+    head = lengths[:-1]
+    if not causal and window > 0:
+        if any(n % window for n in head):
+            rules.append(f"every shard but the last must be a multiple of window = {window}")
+        if min(lengths) < half_width(window):
+            rules.append(f"every shard must hold at least max(window // 2, 1) = {half_width(window)} positions")
+    if causal and rank > 0 and any(n % chunk for n in head):
+        rules.append(f"every shard but the last must be a multiple of chunk = {chunk}")
+    if causal and any(n < window - 1 for n in head):
+        rules.append(f"every shard but the last must hold at least window - 1 = {window - 1} positions")
+    if rules:
+        raise ValueError(f"shard lengths {lengths} (rank order) do not fit: " + "; ".join(rules))

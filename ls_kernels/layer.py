@@ -5,9 +5,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .api import decode_tokens, dynamic_projection, ls_attention, ls_attention_projected
+from .distributed import cp_attention
 from .cache import LSCache
-from .checks import (check_cache_fits, check_layer_args, check_layer_cache, check_layer_input, check_official_lra,
-                     check_official_lra_dconv, use_triton)
+from .checks import (check_cache_fits, check_layer_args, check_layer_cache, check_layer_input, check_layer_sharded,
+                     check_official_lra, check_official_lra_dconv, use_triton)
 from .common import layer_norm
 from .config import LSConfig, acc_dtype, default_scale
 
@@ -83,7 +84,7 @@ class LongShortAttention(nn.Module):
     """
 
     def __init__(self, embed_dim, num_heads, *, window, rank, causal=False, chunk=16, dual_ln="head",
-                 project_after_ln=None, dropout=0.0, bias=True, backend="auto"):
+                 project_after_ln=None, dropout=0.0, bias=True, backend="auto", process_group=None):
         super().__init__()
         embed_dim, num_heads, window, rank, chunk = check_layer_args(
             embed_dim, num_heads, window, rank, causal, chunk, dual_ln, project_after_ln, dropout, backend)
@@ -93,6 +94,7 @@ class LongShortAttention(nn.Module):
         self.project_after_ln = (not causal) if project_after_ln is None else project_after_ln
         self.dropout = float(dropout)
         self.backend = backend
+        self.process_group = process_group
 
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -148,6 +150,8 @@ class LongShortAttention(nn.Module):
         check_layer_input(x, self.embed_dim, self.q_proj.weight)
         if cache is not None:
             return self._decode(x, key_padding_mask, cache)
+        if self.process_group is not None:
+            return self._sharded(x, key_padding_mask)
         B, N, E = x.shape
         H, D, r = self.num_heads, self.head_dim, self.rank
 
@@ -184,6 +188,32 @@ class LongShortAttention(nn.Module):
                              ln_global=self._ln("ln_global"), project_after_ln=self.project_after_ln, **common)
         return self.out_proj(o.transpose(1, 2).reshape(B, N, E))
 
+    def _norms(self):
+        """LN_L and LN_G as functions of (B, H, ., D) tensors (statistics in fp32): per head, or model-wide over
+        each position's merged heads."""
+        if self.dual_ln == "model":  # LayerNorm(E) over each position's merged heads
+            return {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in ("ln_local", "ln_global")}
+        return {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS)) for side in ("ln_local", "ln_global")}
+
+    def _sharded(self, x, key_padding_mask):
+        """forward of this rank's shard x (B, n, E) of a sequence split across self.process_group
+        (``ls_kernels.distributed``): the rows a forward over the whole sequence gives."""
+        check_layer_sharded(self.training, self.dropout)
+        B, n, E = x.shape
+        H, D, r = self.num_heads, self.head_dim, self.rank
+
+        def heads(t):  # (B, n, E) -> (B, H, n, D)
+            return t.reshape(B, n, H, D).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        proj = self.dproj(x).reshape(B, n, H, r).transpose(1, 2) if r > 0 else None
+        norm = self._norms()
+        cfg = LSConfig(window=self.window, causal=self.causal, chunk=self.chunk, rank=r, scale=default_scale(D),
+                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
+        o = cp_attention(q, k, v, proj, cfg=cfg, norm_local=norm["ln_local"], norm_global=norm["ln_global"],
+                         pad=key_padding_mask, group=self.process_group, triton=use_triton(q, self.backend))
+        return self.out_proj(o.transpose(1, 2).reshape(B, n, E))
+
     def _decode(self, x, key_padding_mask, cache):
         """forward with a cache: the new tokens' Q, K, V and logits, LN_L (per head or model-wide) and LN_G
         (per head, or model-wide over each projected vector's merged heads) as in forward, then ls_decode."""
@@ -198,11 +228,7 @@ class LongShortAttention(nn.Module):
         q, k, v = heads(self.q_proj(x)), self.k_proj(x), self.v_proj(x)
         proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
         check_cache_fits(cache, q, window=self.window, chunk=self.chunk, rank=r)
-        if self.dual_ln == "model":  # LayerNorm(E) over each position's merged heads
-            norm = {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in ("ln_local", "ln_global")}
-        else:
-            norm = {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS))
-                    for side in ("ln_local", "ln_global")}
+        norm = self._norms()
         cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D), eps=_LN_EPS,
                        project_after_ln=self.project_after_ln)
         o = decode_tokens(q, heads(k), heads(v), proj, cache, cfg=cfg, norm_local=norm["ln_local"],

@@ -17,7 +17,8 @@ ALLOWED = {
     "triton_backend": {"config", "common", "cache", "triton_backend"},
     "ops": {"config", "common", "cache", "torch_backend", "triton_backend"},
     "api": {"config", "common", "cache", "checks", "ops", "torch_backend"},
-    "layer": {"config", "common", "cache", "checks", "api"},
+    "distributed": {"config", "common", "checks", "ops", "torch_backend"},
+    "layer": {"config", "common", "cache", "checks", "api", "distributed"},
     "__init__": {"api", "cache", "layer"},
 }
 
