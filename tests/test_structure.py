@@ -12,7 +12,7 @@ ALLOWED = {
     "config": set(),
     "common": {"config"},
     "cache": {"config"},
-    "checks": {"config", "cache"},
+    "checks": {"config", "cache", "checks"},
     "torch_backend": {"config", "common", "cache", "torch_backend"},
     "triton_backend": {"config", "common", "cache", "triton_backend"},
     "ops": {"config", "common", "cache", "torch_backend", "triton_backend"},

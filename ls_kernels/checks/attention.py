@@ -1,22 +1,14 @@
-"""Every validator of the package: the only place that raises for bad arguments.
-
-Each check raises ``ValueError`` naming the argument and what it got. The public functions call one
-entry point each (``check_attention``, ``check_projected_attention``, ``check_dynamic_projection``,
-``check_layer_args``, ``check_layer_input``, ``check_official_lra``), which returns the call's LSConfig
-where there is one.
-"""
+"""Checks of the tensors and settings of one attention call: the inputs of ``ls_attention``,
+``ls_attention_projected`` and ``dynamic_projection``, the backend, the score-overflow bound."""
 import math
 import numbers
 
 import torch
 
-from .cache import LSCache, right_padding_lengths
-from .config import (INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale,
-                     half_width)
+from ..config import INTERPRET, LOG2E, MAX_HEAD_DIM, LSConfig, acc_dtype, clamp_window, default_scale
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "torch", "triton")
-DUAL_LN = ("head", "model", None)
 
 
 def _describe(x):
@@ -66,7 +58,7 @@ def _check_qkv(q, k, v, names=("q", "k", "v"), longer_keys=None):
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
     B, H, N, D = q.shape
     if longer_keys and k.shape[2] >= N and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D):
-        expected, rule = k.shape, f"(B, H, Nk, D) = ({B}, {H}, Nk >= {N}, {D}) like {names[1]}"
+        expected, rule = k.shape, f"the shape of {names[1]} {tuple(k.shape)} (keys beyond the queries: Nk >= {N})"
     else:
         expected = q.shape
         rule = f"the shape of {names[0]} {tuple(q.shape)}" + (
@@ -240,84 +232,6 @@ def check_dynamic_projection(proj, k, v, *, causal, chunk, key_padding_mask):
     _check_mask(key_padding_mask, k)
 
 
-def check_layer_args(embed_dim, num_heads, window, rank, causal, chunk, dual_ln, project_after_ln, dropout,
-                     backend):
-    """Validate the arguments of ``LongShortAttention``; returns embed_dim, num_heads, window, rank, chunk as ints."""
-    embed_dim = _check_int("embed_dim", embed_dim, 1)
-    num_heads = _check_int("num_heads", num_heads, 1)
-    if embed_dim % num_heads != 0:
-        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-    window, rank, chunk = _check_int("window", window, 0), _check_int("rank", rank, 0), _check_int("chunk", chunk, 1)
-    if window == 0 and rank == 0:
-        raise ValueError("window and rank are both 0: nothing to attend to; give window > 0, rank > 0, or both")
-    _check_bool("causal", causal)
-    if dual_ln not in DUAL_LN:
-        raise ValueError(f"dual_ln must be one of {DUAL_LN}, got {dual_ln!r}")
-    if project_after_ln is not None and not isinstance(project_after_ln, bool):
-        raise ValueError(f"project_after_ln must be None or a bool, got {project_after_ln!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-    _check_backend(backend)
-    if backend == "triton" and dropout > 0:
-        raise ValueError(f"dropout = {dropout} is not supported by the Triton kernels (backend='triton'): "
-                         "use dropout=0, or backend='torch' for dropout on the attention probabilities")
-    return embed_dim, num_heads, window, rank, chunk
-
-
-def check_layer_input(x, embed_dim, weight):
-    """x of ``LongShortAttention.forward``: (B, N, embed_dim), in the parameters' dtype unless autocast casts it."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != embed_dim:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (B, N, embed_dim={embed_dim}), got {got}")
-    if x.dtype != weight.dtype and not (x.device.type == weight.device.type
-                                        and torch.is_autocast_enabled(x.device.type)):
-        raise ValueError(f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}: cast x or the "
-                         f"layer (layer.to({x.dtype})), or run under torch.autocast")
-
-
-def check_layer_cache(x, key_padding_mask, cache, *, causal, training, dropout):
-    """The cache of ``LongShortAttention.forward(x, cache=...)``: an LSCache of x's batch size and dtype, for a
-    causal layer, at least one new token, right padding only. Returns the real new tokens per sequence (B,)."""
-    if not causal:
-        raise ValueError("cache: a bidirectional layer (causal=False) cannot decode; give cache=None")
-    if not isinstance(cache, LSCache):
-        raise ValueError(f"cache must be an LSCache (layer.init_cache), got {type(cache).__name__}")
-    B, T, _ = x.shape
-    if T == 0:
-        raise ValueError(f"x must hold at least one new token, got shape {tuple(x.shape)}")
-    if cache.batch_size != B:
-        raise ValueError(f"cache was made for batch_size {cache.batch_size}, but x has {B} sequences "
-                         f"(shape {tuple(x.shape)})")
-    if training and dropout > 0:
-        raise ValueError(f"cache: decoding is inference, but the layer is in training mode with dropout "
-                         f"{dropout}; call layer.eval()")
-    _check_mask(key_padding_mask, x.unsqueeze(1))
-    return _right_padded(key_padding_mask, B, T, x.device)
-
-
-def check_cache_fits(cache, q, *, window, chunk, rank):
-    """The cache was made for q's (B, H, ., D), dtype and device, and for this window, chunk and rank."""
-    B, H, _, D = q.shape
-    got = dict(batch_size=cache.batch_size, num_heads=cache.num_heads, head_dim=cache.head_dim, dtype=cache.dtype,
-               device=cache.device, window=cache.window, chunk=cache.chunk, rank=cache.rank)
-    want = dict(batch_size=B, num_heads=H, head_dim=D, dtype=q.dtype, device=q.device, window=window, chunk=chunk,
-                rank=rank)
-    for name in want:
-        if got[name] != want[name]:
-            raise ValueError(f"cache was made for {name} = {got[name]}, but this call has {name} = {want[name]} "
-                             f"(q {_describe(q)}, window {window}, chunk {chunk}, rank {rank})")
-
-
-def _right_padded(key_padding_mask, B, T, device):
-    """Real tokens per row (B,) of a right-padded mask (ValueError for any other padding)."""
-    if key_padding_mask is not None:
-        later = key_padding_mask.long().cummax(1).values.bool()  # padding from the first padded token on
-        if (later != key_padding_mask).any():
-            raise ValueError("key_padding_mask must mark right padding only (each row: real tokens, then "
-                             "padding): a padded position never enters the cache")
-    return right_padding_lengths(key_padding_mask, B, T, device)
-
-
 def _check_scale(scale):
     """scale: None or a finite real number (Python or NumPy)."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
@@ -361,97 +275,3 @@ def _key_norm_bounds(k, proj, ln_local, ln_global, project_after_ln):
         return [window]
     source = window if project_after_ln else _max_row_norm(k)
     return [window, _ln_norm_bound(ln_global, D) if ln_global is not None else source]
-
-
-def check_official_lra(state_dict, prefix, expected):
-    """The official LRA AttentionLS state dict: under `prefix`, its keys are `expected` and its maps square.
-    Returns (the state dict with the prefix stripped, the model dim E)."""
-    if not isinstance(prefix, str):
-        raise ValueError(f"prefix must be a str, got {prefix!r}")
-    sd = {key[len(prefix):]: val for key, val in state_dict.items() if key.startswith(prefix)}
-    if "conv.weight" in sd:
-        raise ValueError("state_dict has conv.weight: the official layer was built with conv_kernel_size > 0 "
-                         "(a depthwise convolution of V added to the output), which LongShortAttention does "
-                         "not have")
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(f"state_dict is not that of the official LRA AttentionLS (prefix {prefix!r}): "
-                         f"missing {missing}, unexpected {unexpected}")
-    E = sd["W_q.weight"].shape[1]
-    for name in ("W_q", "W_k", "W_v", "W_o"):
-        if tuple(sd[name + ".weight"].shape) != (E, E):
-            raise ValueError(f"{name}.weight must be ({E}, {E}) (model dim = num_head * head_dim), "
-                             f"got {tuple(sd[name + '.weight'].shape)}")
-    return sd, E
-
-
-def check_official_lra_dconv(sd, num_heads, rank, E):
-    """The official dconv_fc maps E to num_heads * rank projection logits (checked after the layer's own
-    arguments)."""
-    if tuple(sd["dconv_fc.weight"].shape) != (num_heads * rank, E):
-        raise ValueError(f"dconv_fc.weight has shape {tuple(sd['dconv_fc.weight'].shape)}, but num_heads * rank "
-                         f"= {num_heads} * {rank} rows of {E} are expected: check num_heads and rank "
-                         "(the official num_head and num_landmarks)")
-
-
-def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, project_after_ln, scale, eps,
-                 key_padding_mask, backend):
-    """Validate the arguments of ``ls_decode``; returns (its LSConfig, the real new tokens per sequence (B,))."""
-    _check_qkv(q, k, v)
-    B, H, T, D = q.shape
-    if T == 0:
-        raise ValueError(f"q must hold at least one new token (T >= 1), got {_describe(q)}")
-    if not isinstance(cache, LSCache):
-        raise ValueError(f"cache must be an LSCache (LongShortAttention.init_cache or LSCache.empty), "
-                         f"got {type(cache).__name__}")
-    window = _check_window(window)
-    chunk = _check_int("chunk", chunk, 1)
-    if window == 0 and proj is None:
-        raise ValueError("window and proj are both absent (window=0, proj=None): nothing to attend to")
-    if proj is not None:
-        _check_proj(proj, k)
-    rank = proj.shape[-1] if proj is not None else 0
-    check_cache_fits(cache, q, window=window, chunk=chunk, rank=rank)
-    _check_ln("ln_local", ln_local, H, D, q)
-    _check_ln("ln_global", ln_global, H, D, q)
-    _check_mask(key_padding_mask, q)
-    n_new = _right_padded(key_padding_mask, B, T, q.device)
-    _check_scale(scale)
-    _check_backend(backend)
-    use_triton(q, backend)  # raises where the kernels cannot run
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
-    cfg = LSConfig(window=window, causal=True, chunk=chunk, rank=rank,
-                   scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
-                   project_after_ln=bool(project_after_ln))
-    return cfg, n_new
-
-
-def check_layer_sharded(training, dropout):
-    """A layer with a process group: no dropout on the attention probabilities (the sharded path has none)."""
-    if training and dropout > 0:
-        raise ValueError(f"process_group: the sharded layer has no attention dropout, but the layer is in "
-                         f"training mode with dropout {dropout}; use dropout=0 or layer.eval()")
-
-
-def check_shard_lengths(lengths, *, window, causal, chunk, rank):
-    """The shard lengths of a context-parallel call (every rank's, in rank order; the same list on every rank,
-    so that every rank raises alike): bidirectional windows must not cross a shard boundary (every shard but
-    the last a whole number of segments of w) and each shard holds the halo it sends (at least max(w // 2, 1));
-    causal chunks must not cross one (every shard but the last a multiple of chunk) and the w - 1 keys before
-    a shard come from one neighbour (every shard but the last at least w - 1)."""
-    rules = []
-    if min(lengths) < 1:
-        rules.append("every shard must hold at least one position")
-    head = lengths[:-1]
-    if not causal and window > 0:
-        if any(n % window for n in head):
-            rules.append(f"every shard but the last must be a multiple of window = {window}")
-        if min(lengths) < half_width(window):
-            rules.append(f"every shard must hold at least max(window // 2, 1) = {half_width(window)} positions")
-    if causal and rank > 0 and any(n % chunk for n in head):
-        rules.append(f"every shard but the last must be a multiple of chunk = {chunk}")
-    if causal and any(n < window - 1 for n in head):
-        rules.append(f"every shard but the last must hold at least window - 1 = {window - 1} positions")
-    if rules:
-        raise ValueError(f"shard lengths {lengths} (rank order) do not fit: " + "; ".join(rules))
