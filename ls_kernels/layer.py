@@ -64,6 +64,12 @@ class LongShortAttention(nn.Module):
         bias: whether the Linear maps have biases.
         backend: "auto" (Triton kernels for CUDA tensors with D <= 128, else the blocked
             PyTorch path), "triton" or "torch"; as ``ls_attention``.
+        process_group: a torch.distributed group (e.g. ``torch.distributed.group.WORLD``) over
+            which each sequence is split (context parallelism, ``ls_kernels.distributed``):
+            each rank's ``forward`` gets its contiguous shard x (B, n_rank, E), in rank order,
+            and returns the rows a forward over the whole sequence gives; parameter gradients
+            are each shard's part (sum them over the ranks, as data parallelism does). None:
+            every call holds whole sequences.
 
     ``key_padding_mask`` (B, N) bool, True = padding: padded tokens are never attended
     to and never projected; their output rows are the output Linear's bias (its input
@@ -191,9 +197,10 @@ class LongShortAttention(nn.Module):
     def _norms(self):
         """LN_L and LN_G as functions of (B, H, ., D) tensors (statistics in fp32): per head, or model-wide over
         each position's merged heads."""
+        sides = ("ln_local", "ln_global")
         if self.dual_ln == "model":  # LayerNorm(E) over each position's merged heads
-            return {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in ("ln_local", "ln_global")}
-        return {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS)) for side in ("ln_local", "ln_global")}
+            return {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in sides}
+        return {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS)) for side in sides}
 
     def _sharded(self, x, key_padding_mask):
         """forward of this rank's shard x (B, n, E) of a sequence split across self.process_group
@@ -229,8 +236,8 @@ class LongShortAttention(nn.Module):
         proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
         check_cache_fits(cache, q, window=self.window, chunk=self.chunk, rank=r)
         norm = self._norms()
-        cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D), eps=_LN_EPS,
-                       project_after_ln=self.project_after_ln)
+        cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D),
+                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
         o = decode_tokens(q, heads(k), heads(v), proj, cache, cfg=cfg, norm_local=norm["ln_local"],
                           norm_global=norm["ln_global"], n_new=n_new, triton=use_triton(q, self.backend))
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))

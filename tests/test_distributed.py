@@ -193,3 +193,16 @@ def _layer_cases(rank, world):
 
 def test_layer_with_a_process_group():
     _spawn(_layer_cases, 2)
+
+
+def test_cp_bench_counts_equal_the_formula():
+    """bench/cp.py --quick: the bytes of the wrapped collectives of 2- and 4-process runs (both presets,
+    forward and backward, sent and received) equal its formula, which the README's table uses."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(root, "bench", "cp.py"), "--quick"], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=root)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "16 of 16 rows equal" in run.stdout

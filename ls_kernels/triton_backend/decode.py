@@ -54,7 +54,8 @@ def decode_attend(q, k_new, v_new, cache: LSCache, *, cfg: LSConfig, n_new):
         vg if cap else stand_in, cache.lengths.contiguous(), (n_new > 0).to(torch.int8), scalars, o_part, lse_part,
         q1.stride(0), q1.stride(1),
         H, W1, cap, cfg.chunk, cfg.rank, split, n_splits,
-        HAS_WINDOW=cfg.window > 0, HEAD_DIM=D, IS_FP64=q.dtype == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=4,
+        HAS_WINDOW=cfg.window > 0, HEAD_DIM=D, IS_FP64=q.dtype == torch.float64, BLOCK_N=block_n, BLOCK_D=block_d(D),
+        num_warps=4,
     )
     _decode_combine_kernel[(B * H,)](
         o_part, lse_part, out, n_splits,

@@ -252,6 +252,7 @@ def _ls_bwd_dkv_global_kernel(
     do_base = DO + off_b * stride_dob + off_h * stride_doh
     lse_base, delta_base = LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N
     q_end = tl.zeros([BLOCK_G], tl.int32) + hi
+    q_pad_base = PAD + off_b * stride_padb + Q_OFF  # query row i's padding flag
     if kg.dtype.is_fp16() or kg.dtype.is_bf16():  # tensor-core tiles: edge, interior (unmasked), edge runs
         for part in tl.static_range(3):
             if part == 0:
@@ -261,13 +262,12 @@ def _ls_bwd_dkv_global_kernel(
             else:
                 m_start, m_stop = m2, m3
             dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base,
-                                        delta_base, PAD + off_b * stride_padb + Q_OFF, qk_scale, q_first, q_end, m_start,
-                                        m_stop, offs_d, mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION,
-                                        BLOCK_M, part != 1)
+                                        delta_base, q_pad_base, qk_scale, q_first, q_end, m_start, m_stop, offs_d,
+                                        mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
     else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
         dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                    PAD + off_b * stride_padb + Q_OFF, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N,
-                                    HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
+                                    q_pad_base, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N, HAS_PAD,
+                                    HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
     dkg = tl.where(g_ok[:, None], dkg * scale, 0.0)  # invisible vectors have no gradient
     dvg = tl.where(g_ok[:, None], dvg, 0.0)
     part_rows = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \

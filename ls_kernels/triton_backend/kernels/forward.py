@@ -1,8 +1,8 @@
 """The forward kernel: for a block of queries, ONE online softmax over the projected vectors visible to the
 block and its window keys (LN_L applied beforehand by the pre-pass). N queries, NK >= N keys (causal keys
-beyond the queries: query row i sits at key position i + Q_OFF, chunk position i + C_OFF). Writes O and an fp32 logsumexp per
-query (+inf for queries that see nothing or are padded, so the backward recomputes zero probabilities for
-them)."""
+beyond the queries, or a shard: query row i sits at key position i + Q_OFF, chunk position i + C_OFF).
+Writes O and an fp32 logsumexp per query (+inf for queries that see nothing or are padded, so the backward
+recomputes zero probabilities for them)."""
 import triton
 import triton.language as tl
 
