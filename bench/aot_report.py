@@ -97,15 +97,17 @@ def kernel_specs(dtype, D, pad=True):
     BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "PART_M": acc,
-             "PART_Z": acc, "PART_K": acc, "PART_V": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
-    for final in (False, True):  # bidirectional segments; causal chunks (whole groups)
+             "PART_Z": acc, "PART_K": acc, "PART_V": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc,
+             "LNLW": acc, "LNLB": acc, "KN": t, "VN": t, "LN_STATS": acc}
+    for final in (False, True):  # bidirectional segments; causal chunks (whole groups); both with the LN_L pre-pass
         const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=prj.PRECISION, FINAL=final, BLOCK_N=BLOCK_N,
-                     BLOCK_R=BLOCK_R)
+                     BLOCK_R=BLOCK_R, LN_SRC=prj_kernels.LN_SRC_PROJECT_NORMED)
         specs.append((f"_proj_partial_kernel[{'final' if final else 'segment'}]", prj_kernels._proj_partial_kernel,
                       types, const, 4, 1))
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
-    specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types, dict(flags, BLOCK_R=BLOCK_R), 4, 1))
+    specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types,
+                  dict(flags, BLOCK_R=prj.COMBINE_BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments

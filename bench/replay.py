@@ -16,6 +16,7 @@ import torch
 from ls_kernels.config import LSConfig, half_width
 from ls_kernels.triton_backend import launch, projection
 from ls_kernels.triton_backend.args import block_d, block_g
+from ls_kernels.triton_backend.kernels import projection as prj_kernels
 
 ACC_BYTES = 4  # fp32 statistics, partials and the unrounded output
 INT_BYTES = 1  # padding and visibility flags (absent here: no padding)
@@ -141,10 +142,13 @@ def runs(pc):
         out.append(KernelRun(label, pass_name, const, loops, iters, loop_bytes, program_bytes, loop_flops, dram,
                              extra))
 
-    # forward: LN_L pre-pass, projection (partials, combine), attention
+    # forward: projection partials with the LN_L pre-pass of their rows (the LN_L kernel takes the rows past the
+    # last full causal chunk), combine, attention
     rows = launch.ROWS_PER_PROGRAM
-    add("_ln_local_kernel", "forward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
-        rows * (4 * row + 4 * ACC_BYTES), [], 4 * qkv + 4 * BH * N * ACC_BYTES)  # k, v in; LN_L(k), LN_L(v), stats out
+    tail = N - (N // pc.chunk) * pc.chunk if pc.causal else 0
+    if tail:
+        add("_ln_local_kernel", "forward", {}, [], np.zeros((_cdiv(tail, rows), 0), int), [],
+            rows * (4 * row + 4 * ACC_BYTES), [], BH * tail * (4 * row + 4 * ACC_BYTES))
     seg = pc.chunk if pc.causal else N
     PBN, PBR = projection.proj_config(D, r, seg)
     n_rblk = _cdiv(r, PBR)
@@ -158,14 +162,21 @@ def runs(pc):
     out_row = ranks * (2 * row + 2 * acc_row + ACC_BYTES)  # kg, vg, k_raw, v_raw, col_lse
     final = pc.causal or n_seg == 1  # whole groups: no combine
     per_seg = np.array([[_cdiv(min(seg_len, N - s * seg_len), PBN)] for s in range(n_seg) for _ in range(n_rblk)])
-    add(f"_proj_partial_kernel[{'final' if final else 'segment'}]", "forward", dict(BLOCK_N=PBN, BLOCK_R=PBR),
-        ["positions"], per_seg, [PBN * (PBR * es + 2 * row)], out_row if final else part_row,
+    ln_src = prj_kernels.LN_SRC_PROJECT_NORMED if pc.project_after_ln else prj_kernels.LN_SRC_PROJECT_RAW
+    ln_rows = N - tail  # LN_L(k), LN_L(v) and their statistics written by the first rank block's programs
+    add(f"_proj_partial_kernel[{'final' if final else 'segment'}]", "forward",
+        dict(BLOCK_N=PBN, BLOCK_R=PBR, LN_SRC=ln_src), ["positions"], per_seg,
+        [PBN * (PBR * es + 4 * row + 4 * ACC_BYTES)], out_row if final else part_row,
         [2 * 2 * PBR * PBN * block_d(D)],
-        BH * N * (r * es + 2 * row) + BH * n_seg * n_rblk * (out_row if final else part_row))
+        BH * N * (r * es + 2 * row) + BH * ln_rows * (2 * row + 4 * ACC_BYTES)
+        + BH * n_seg * n_rblk * (out_row if final else part_row))
     if not final:
-        add("_proj_combine_kernel", "forward", dict(BLOCK_R=PBR), ["segments"],
-            np.full((n_groups * n_rblk, 1), n_seg), [part_row], out_row, [0],
-            BH * n_seg * n_rblk * part_row + BH * NG * (2 * row + 2 * acc_row + ACC_BYTES))
+        CBR = projection.COMBINE_BLOCK_R
+        c_ranks = min(r, CBR)
+        c_part_row = c_ranks * (2 + 2 * D) * ACC_BYTES
+        add("_proj_combine_kernel", "forward", dict(BLOCK_R=CBR), ["segments"],
+            np.full((n_groups * _cdiv(r, CBR), 1), n_seg), [c_part_row], c_ranks * (2 * row + 2 * acc_row + ACC_BYTES),
+            [0], BH * n_seg * n_rblk * part_row + BH * NG * (2 * row + 2 * acc_row + ACC_BYTES))
     fwd_tiles = launch.fwd_config(D, dtype)
     BM, BN = fwd_tiles.block_m, fwd_tiles.block_n
     BG = block_g(NG, BN)

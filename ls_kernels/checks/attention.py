@@ -57,15 +57,16 @@ def _check_qkv(q, k, v, names=("q", "k", "v"), longer_keys=None):
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got dtype {x.dtype}")
     B, H, N, D = q.shape
-    if longer_keys and k.shape[2] >= N and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D):
-        expected, rule = k.shape, f"the shape of {names[1]} {tuple(k.shape)} (keys beyond the queries: Nk >= {N})"
-    else:
-        expected = q.shape
-        rule = f"the shape of {names[0]} {tuple(q.shape)}" + (
-            " (causal calls also take keys beyond the queries: (B, H, Nk >= N, D))" if longer_keys else
-            " (only causal calls take keys beyond the queries, Nk > N)" if longer_keys is False else "")
+    longer = longer_keys and k.shape[2] >= N and (k.shape[0], k.shape[1], k.shape[3]) == (B, H, D)
+    expected = k.shape if longer else q.shape
     for name, x in zip(names[1:], (k, v)):
-        if x.shape != expected:
+        if x.shape != expected:  # the message is built only here (torch.compile traces the checks)
+            if longer:
+                rule = f"the shape of {names[1]} {tuple(k.shape)} (keys beyond the queries: Nk >= {N})"
+            else:
+                note = (" (causal calls also take keys beyond the queries: (B, H, Nk >= N, D))" if longer_keys else
+                        " (only causal calls take keys beyond the queries, Nk > N)" if longer_keys is False else "")
+                rule = f"the shape of {names[0]} {tuple(q.shape)}{note}"
             raise ValueError(f"{name} must have {rule}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise ValueError(f"{name} must have the dtype of {names[0]} ({q.dtype}), got {x.dtype}")

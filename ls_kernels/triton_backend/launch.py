@@ -123,23 +123,25 @@ def _shard_visibility(cfg, gvis, kg, pad, B, Nk, device):
     return gvis, pad
 
 
-def _local_keys(k, v, *, needed, ln_local, pad8, stride_pad, scalars):
-    """(kn, vn, ln_stats): LN_L(k), LN_L(v) in k's dtype, written once by _ln_local_kernel (when needed, by the
-    window or by the projection), with each row's statistics (4, B, H, N) (k's means, k's rstd, v's means, v's
-    rstd) in the accumulation dtype for the backward; or k, v themselves and None without LN_L."""
-    if ln_local is None or not needed:
-        return k, v, None
+def _ln_buffers(k, acc):
+    """(kn, vn, ln_stats): LN_L(k), LN_L(v) (B, H, N, D) in k's dtype and their row statistics (4, B, H, N) in
+    the accumulation dtype (k's means, k's rstd, v's means, v's rstd), to be written by the LN_L pre-pass."""
     B, H, N, D = k.shape
-    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, k.device)
     kn = torch.empty(B, H, N, D, dtype=k.dtype, device=k.device)
-    vn = torch.empty_like(kn)
-    ln_stats = torch.empty(4, B, H, N, dtype=scalars.dtype, device=k.device)
-    _ln_local_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), B * H)](
-        k, v, pad8 if pad8 is not None else absent(k.device), lnw, lnb, scalars, kn, vn, ln_stats,
+    return kn, torch.empty_like(kn), torch.empty(4, B, H, N, dtype=acc, device=k.device)
+
+
+def _ln_local_rows(k, v, out, *, row0, ln_local, pad8, stride_pad, scalars):
+    """_ln_local_kernel over the rows row0 .. N - 1 of k, v into out = _ln_buffers(...)."""
+    B, H, N, D = k.shape
+    if row0 >= N:
+        return
+    lnw, lnb, stride_lnh = ln_params(ln_local, H, D, scalars.dtype, k.device)
+    _ln_local_kernel[(triton.cdiv(N - row0, ROWS_PER_PROGRAM), B * H)](
+        k, v, pad8 if pad8 is not None else absent(k.device), lnw, lnb, scalars, *out,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), stride_pad, stride_lnh,
-        H, N, HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_N=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
+        H, N, row0, HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_N=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
     )
-    return kn, vn, ln_stats
 
 
 class Forward(NamedTuple):
@@ -175,14 +177,20 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     acc = scalars.dtype
     pad8, stride_pad = pad_int8(pad)
     reads_ln = proj is not None and cfg.project_after_ln  # the projection reads LN_L(k), LN_L(v)
-    kn, vn, ln_stats = _local_keys(k, v, needed=cfg.window > 0 or reads_ln, ln_local=ln_local, pad8=pad8,
-                         stride_pad=stride_pad, scalars=scalars)
-    if proj is not None:
-        projected = projection_forward(proj=_kernel_proj(proj, acc), k=kn if reads_ln else k,
-                                       v=vn if reads_ln else v, pad8=pad8, stride_pad=stride_pad,
-                                       ln_global=ln_global, causal=cfg.causal, chunk=cfg.chunk, scalars=scalars)
+    where = dict(pad8=pad8, stride_pad=stride_pad, scalars=scalars)
+    ln_out = None
+    if ln_local is not None and (cfg.window > 0 or reads_ln):  # LN_L(k), LN_L(v) written once, with statistics
+        ln_out = _ln_buffers(k, acc)
+    if proj is not None:  # the projection's partial kernel is the LN_L pre-pass of the rows it reads
+        projected = projection_forward(proj=_kernel_proj(proj, acc), k=k, v=v, ln_global=ln_global,
+                                       causal=cfg.causal, chunk=cfg.chunk, ln_local=ln_local, ln_out=ln_out,
+                                       reads_ln=reads_ln, **where)
+        covered = (Nk // cfg.chunk) * cfg.chunk if cfg.causal else Nk
     else:
-        projected = _given(kg, vg, acc, q)
+        projected, covered = _given(kg, vg, acc, q), 0
+    if ln_out is not None:
+        _ln_local_rows(k, v, ln_out, row0=covered, ln_local=ln_local, **where)
+    kn, vn, ln_stats = ln_out if ln_out is not None else (k, v, None)
     NG, rank = projected.kg.shape[2], max(cfg.rank, 1)
     gvis = gvis_int8(pad, B, Nk, rank, cfg.causal, cfg.chunk, NG, device, given=gvis)
     q_off, c_off = cfg.offsets(N, Nk)

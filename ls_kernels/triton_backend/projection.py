@@ -8,7 +8,8 @@ import triton
 from ..config import HALF_DTYPES
 
 from .args import absent, block_d, ln_params, next_pow2
-from .kernels.projection import _proj_bwd_kernel, _proj_combine_kernel, _proj_partial_kernel
+from .kernels.projection import (LN_SRC_NONE, LN_SRC_PROJECT_NORMED, LN_SRC_PROJECT_RAW, _proj_bwd_kernel,
+                                 _proj_combine_kernel, _proj_partial_kernel)
 
 # programs a bidirectional projection spreads over, to fill a GPU; each takes at least this many positions
 _TARGET_PROGRAMS = 512
@@ -16,6 +17,8 @@ _MIN_SEGMENT = 64
 _SEGMENT_ALIGN = 16
 # the projection's fp32 dots: three TF32 tensor-core products with the low parts (fp32's accuracy)
 PRECISION = "tf32x3"
+# rank columns per program of the combine (a short serial walk over the segments: many small programs)
+COMBINE_BLOCK_R = 16
 
 
 class Projected(NamedTuple):
@@ -30,11 +33,12 @@ class Projected(NamedTuple):
 
 
 def proj_config(D, r, seg_len):
-    """(BLOCK_N, BLOCK_R) of the pre-pass: IEEE fp32 dots, so small tiles (larger ones spill)."""
-    cap = 32 if D <= 64 else 16
-    BLOCK_R = max(16, min(cap, next_pow2(r)))
-    BLOCK_N = max(16, min(cap, next_pow2(seg_len)))
-    return BLOCK_N, BLOCK_R
+    """(BLOCK_N, BLOCK_R) of the pre-pass, chosen by ahead-of-time compilation (bench/aot_report.py): 16
+    positions per step (the LN_L pre-pass of the rows runs in the same loop; 32 spill on sm_90a at fp16, D 64)
+    and up to 64 rank columns at D <= 64, so that r = 64 takes one program per segment (each rank block
+    normalises the rows again), zero spills on sm_80 and sm_90a."""
+    BLOCK_R = max(16, min(64 if D <= 64 else 16, next_pow2(r)))
+    return 16, BLOCK_R
 
 
 def proj_bwd_config(D, r, seg_len, dtype):
@@ -57,12 +61,17 @@ def _bidirectional_segments(N, programs_per_segment):
     return seg_len, triton.cdiv(N, seg_len)
 
 
-def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk, scalars):
+def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk, scalars, ln_local=None,
+                       ln_out=None, reads_ln=False):
     """Projected keys and values of validated inputs.
 
     proj (B, H, N, r) with stride(-1) == 1; k, v (B, H, N, D) with stride(-1) == 1, in the kernels' dtype: what
     the projection reads (raw, or LN_L(k), LN_L(v) as the LN_L pre-pass wrote them); pad8 (B, N) int8 or None;
     scalars: make_scalars. Returns Projected, NG = r (bidirectional) or (N // chunk) * r (causal, chunk-major).
+
+    With ln_local (weight, bias) and ln_out = (kn, vn, ln_stats) (as launch's LN_L pre-pass allocates them),
+    k, v are raw and the partial kernel is also the LN_L pre-pass of the rows it reads (every row but those
+    past the last full causal chunk), projecting LN_L(k), LN_L(v) when reads_ln.
     """
     B, H, N, D = k.shape
     r = proj.shape[-1]
@@ -96,23 +105,27 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
         part_k = torch.empty(B, H, n_seg, r, D, dtype=acc, device=device)
         part_v = torch.empty_like(part_k)
     lng_w, lng_b, lng_stride = ln_params(ln_global, H, D, acc, device)
+    lnl_w, lnl_b, lnl_stride = ln_params(ln_local, H, D, acc, device)
+    kn, vn, ln_stats = ln_out if ln_out is not None else (absent(device),) * 3
+    ln_src = LN_SRC_NONE if ln_out is None else (LN_SRC_PROJECT_NORMED if reads_ln else LN_SRC_PROJECT_RAW)
     _proj_partial_kernel[(n_seg, n_rblk, B * H)](
         proj, k, v, pad8 if pad8 is not None else absent(device), scalars,
-        part_m, part_z, part_k, part_v, lng_w, lng_b, kg, vg, k_raw, v_raw, col_lse,
+        part_m, part_z, part_k, part_v, lng_w, lng_b, kg, vg, k_raw, v_raw, col_lse, lnl_w, lnl_b, kn, vn, ln_stats,
         proj.stride(0), proj.stride(1), proj.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        stride_pad, lng_stride,
+        stride_pad, lng_stride, lnl_stride,
         N, H, r, seg_len,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_global is not None, IS_FP64=acc == torch.float64,
-        PRECISION=PRECISION, FINAL=final, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+        PRECISION=PRECISION, FINAL=final, LN_SRC=ln_src, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        num_warps=4,
     )
     if not final:
-        _proj_combine_kernel[(n_groups, n_rblk, B * H)](
+        _proj_combine_kernel[(n_groups, triton.cdiv(r, COMBINE_BLOCK_R), B * H)](
             part_m, part_z, part_k, part_v, lng_w, lng_b, scalars,
             kg, vg, k_raw, v_raw, col_lse,
             H, r, segs_per_group, lng_stride,
-            HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+            HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
         )
     return Projected(kg, vg, k_raw, v_raw, col_lse)
 

@@ -1,6 +1,8 @@
 """The forward's LN_L pre-pass: LN_L(k) and LN_L(v) written once in q's dtype, so that the attention kernels
 read the window keys and values as stored instead of normalising every tile they visit, and each row's mean
-and rstd, so that the backward normalises without reductions."""
+and rstd, so that the backward normalises without reductions. With a projection, the projection's partial
+kernel does this for the rows it reads (k and v read once); this kernel then takes only the rows past the last
+full causal chunk."""
 import triton
 import triton.language as tl
 
@@ -16,15 +18,15 @@ def _ln_local_kernel(
     KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) (LN_L of zeros at padded positions)
     LN_STATS,  # [4, B, H, N] contiguous, accumulation dtype: k's row means, k's rstd, v's means, v's rstd
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_padb, stride_lnh,
-    H, N,
+    H, N, ROW0,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """LN_L of BLOCK_N rows of k and of v, in the accumulation dtype, rounded to KN's dtype once; what is stored
-    at padded positions is finite whatever k, v hold there."""
+    """LN_L of BLOCK_N rows of k and of v (programs from row ROW0 on), in the accumulation dtype, rounded to KN's
+    dtype once; what is stored at padded positions is finite whatever k, v hold there."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     off_b, off_h = _batch_head(pid_bh, H)
-    offs_n, mask_n = _tile(pid_n * BLOCK_N, BLOCK_N, N)
+    offs_n, mask_n = _tile(ROW0 + pid_n * BLOCK_N, BLOCK_N, N)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
     _, eps, zero, _ = _load_scalars(SCALARS)
     ln_w, ln_b = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, True)

@@ -18,8 +18,13 @@ in q's dtype, as the attention kernels read them.
 import triton
 import triton.language as tl
 
-from .common import (_batch_head, _dot, _dot_fine, _layer_norm_rows, _load_ln, _load_normed_rows, _load_rows, _load_scalars,
-                     _real_rows, _tile)
+from .common import (_affine_rows, _batch_head, _dot, _dot_fine, _layer_norm_rows, _load_ln, _load_normed_rows,
+                     _load_rows, _load_scalars, _real_rows, _row_stats, _tile)
+
+# what _proj_partial_kernel does with LN_L: nothing (K, V are what the projection reads); or K, V are raw, and it
+# writes LN_L(k), LN_L(v) and their row statistics (the forward's LN_L pre-pass, fused: k and v read once) and
+# projects LN_L(k), LN_L(v) (project_after_ln) or the raw rows
+LN_SRC_NONE, LN_SRC_PROJECT_NORMED, LN_SRC_PROJECT_RAW = 0, 1, 2  # the kernel tests LN_SRC != 0, == 1
 
 
 @triton.jit
@@ -49,22 +54,28 @@ def _store_group(m_col, z_col, acc_k, acc_v, out_row, offs_d, mask_d, mask_r, LN
 @triton.jit
 def _proj_partial_kernel(
     P,  # [B, H, N, RANK] logits, unit last stride
-    K, V,  # [B, H, N, HEAD_DIM], unit last stride: what the projection reads (k, v or LN_L(k), LN_L(v))
+    K, V,  # [B, H, N, HEAD_DIM], unit last stride: what the projection reads (k, v or LN_L(k), LN_L(v)); raw
+    # k, v with LN_SRC
     PAD,  # [B, N] int8, nonzero = padding
     SCALARS,  # [4]: _load_scalars
     PART_M, PART_Z,  # [B, H, n_seg, RANK]: per-segment column max and normaliser (not FINAL)
     PART_K, PART_V,  # [B, H, n_seg, RANK, HEAD_DIM]: per-segment unnormalised P^T k_P, P^T v_P (not FINAL)
     LNW, LNB,  # [H or 1, HEAD_DIM]: LN_G weight and bias (FINAL)
     KG, VG, KRAW, VRAW, COL_LSE,  # as _proj_combine_kernel's (FINAL)
+    LNLW, LNLB,  # [H or 1, HEAD_DIM]: LN_L weight and bias (LN_SRC)
+    KN, VN,  # [B, H, N, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) written (LN_SRC), as _ln_local_kernel
+    LN_STATS,  # [4, B, H, N] contiguous, accumulation dtype: their row statistics (LN_SRC), as _ln_local_kernel
     stride_pb, stride_ph, stride_pn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,  # (B, H, N)
-    stride_padb, stride_lnh,
+    stride_padb, stride_lnh, stride_lnlh,
     N, H, RANK, SEG_LEN,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    PRECISION: tl.constexpr, FINAL: tl.constexpr, LN_SRC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One segment's online softmax over its positions. FINAL: the segment is a whole group (a causal chunk,
-    or a sequence of one segment), whose projected vectors are stored here (no combine)."""
+    or a sequence of one segment), whose projected vectors are stored here (no combine). With LN_SRC the
+    segment's rows are normalised here and LN_L(k), LN_L(v) and their statistics stored (by the programs of
+    the first rank block), bit for bit as _ln_local_kernel stores them."""
     pid_s, pid_r, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_seg = tl.num_programs(0)
     off_b, off_h = _batch_head(pid_bh, H)
@@ -79,6 +90,10 @@ def _proj_partial_kernel(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     seg_lo = pid_s * SEG_LEN  # this program's positions: seg_lo .. seg_hi - 1
+    if LN_SRC != 0:
+        lnl_w, lnl_b = _load_ln(LNLW, LNLB, off_h, stride_lnlh, offs_d, mask_d, zero, True)
+        plane = tl.num_programs(2).to(tl.int64) * N  # LN_STATS: [4, B, H, N]
+        writes = pid_r == 0
     for start_n in range(seg_lo, tl.minimum(seg_lo + SEG_LEN, N), BLOCK_N):
         offs_n, mask_n = _tile(start_n, BLOCK_N, tl.minimum(seg_lo + SEG_LEN, N))
         rows = offs_n.to(tl.int64)[:, None]
@@ -87,6 +102,24 @@ def _proj_partial_kernel(
                          other=float("-inf")) + zero  # [BLOCK_N, BLOCK_R]
         k = _load_rows(k_base, offs_n, stride_kn, valid, offs_d, mask_d)  # [BLOCK_N, BLOCK_D]
         v = _load_rows(v_base, offs_n, stride_vn, valid, offs_d, mask_d)
+        if LN_SRC != 0:  # the LN_L pre-pass of these rows
+            row = pid_bh.to(tl.int64) * N + offs_n  # [BLOCK_N]
+            out_ln = row[:, None] * HEAD_DIM + offs_d[None, :]
+            k_mean, k_rstd = _row_stats(k + zero, mask_d, eps, HEAD_DIM)
+            v_mean, v_rstd = _row_stats(v + zero, mask_d, eps, HEAD_DIM)
+            kn = _affine_rows(k + zero, k_mean, k_rstd, lnl_w, lnl_b).to(KN.dtype.element_ty)
+            vn = _affine_rows(v + zero, v_mean, v_rstd, lnl_w, lnl_b).to(VN.dtype.element_ty)
+            if writes:
+                mask_nd = mask_n[:, None] & mask_d[None, :]
+                tl.store(KN + out_ln, kn, mask=mask_nd)
+                tl.store(VN + out_ln, vn, mask=mask_nd)
+                tl.store(LN_STATS + row, k_mean, mask=mask_n)
+                tl.store(LN_STATS + plane + row, k_rstd, mask=mask_n)
+                tl.store(LN_STATS + 2 * plane + row, v_mean, mask=mask_n)
+                tl.store(LN_STATS + 3 * plane + row, v_rstd, mask=mask_n)
+            if LN_SRC == 1:  # the projection reads LN_L(k), LN_L(v) as stored
+                k = tl.where(valid[:, None], kn, 0.0)
+                v = tl.where(valid[:, None], vn, 0.0)
         m_new = tl.maximum(m_col, tl.max(logits, axis=0))  # [BLOCK_R]
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_col - m_safe)
