@@ -49,9 +49,8 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
         q, k, v: (B, H, N, D) queries, keys and values, one dtype (fp16, bf16, fp32 or fp64), any strides.
             Causal calls may give keys beyond the queries: k, v (B, H, Nk, D) with Nk >= N, the queries
             being the last N positions (query i at t = Nk - N + i, bottom-right aligned); windows and chunks
-            are counted in key positions from 0. The Triton kernels take the query offset; the blocked path
-            computes the first Nk - N rows as zero queries and drops them. ``ls_decode`` serves
-            token-by-token generation.
+            are counted in key positions from 0; the window work is that of the N queries, the projection
+            reads every key. ``ls_decode`` serves token-by-token generation.
         proj: (B, H, Nk, r) dynamic-projection logits (any float dtype), or None for window-only attention.
         window: w >= 0, local segment size (bidirectional) or band width (causal); 0 = projection only;
             any w >= N acts as w = N.
@@ -76,13 +75,6 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
     tensors = (q, k, v, proj, *lnl, *lng)
     if q.numel() == 0 or k.shape[2] == 0:
         return _empty_output(q, tensors)
-    n_before = k.shape[2] - q.shape[2]
-    if n_before > 0 and not triton:  # keys beyond the queries, blocked path: zero queries first, rows dropped
-        q = torch.cat([q.new_zeros(*q.shape[:2], n_before, q.shape[3]), q], dim=2)
-        return ls_attention(q, k, v, proj, window=cfg.window, causal=True, chunk=cfg.chunk, ln_local=ln_local,
-                            ln_global=ln_global, project_after_ln=cfg.project_after_ln,
-                            key_padding_mask=key_padding_mask, scale=cfg.scale, eps=cfg.eps,
-                            backend="torch")[:, :, n_before:]
     args = (*tensors, key_padding_mask, cfg.window, cfg.causal, cfg.chunk, cfg.project_after_ln, cfg.scale, cfg.eps)
     if triton:
         return ops.attention_triton_fwd(*args, _needs_grad(tensors))[0]

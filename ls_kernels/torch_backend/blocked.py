@@ -243,12 +243,12 @@ def project(proj, k_src, v_src, pad, *, causal, chunk, ln_global=None, eps=1e-5)
 
 
 def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, opts, shared=None):
-    """Partial softmax of queries start .. start + len(q) (start a multiple of chunk) over the chunks
-    strictly before theirs: the chunks before the group's first, seen by all its queries, and the
-    group's own chunks, seen by its later queries.
+    """Partial softmax of the queries at positions start .. start + len(q) over the chunks strictly before
+    theirs: the chunks before the first query's, seen by all of them, and the later ones, seen by the later
+    queries.
 
-    shared (fused path, no padded chunk): a bias buffer whose columns are nc * r zeros followed by
-    the block-causal pattern of a group's own chunks; every group's bias is a view of it."""
+    shared (fused path, no padded chunk, start a multiple of chunk): a bias buffer whose columns are nc * r
+    zeros followed by the block-causal pattern of a group's own chunks; every group's bias is a view of it."""
     G = q.shape[2]
     c0, c1 = start // chunk, min(chunk_valid.shape[1], (start + G - 1) // chunk)
     if shared is not None and c1 > 0:  # one call over chunks 0 .. c1 - 1
@@ -274,8 +274,8 @@ def _causal_global_group(q, k_g, v_g, chunk_valid, start, chunk, r, scale, opts,
 
 def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT, first=0):
     """Partial softmax of every query over the projected vectors (B, H, nc * r, D) of the chunks before its
-    own; chunk_valid (B, nc): chunks with a real token; the queries sit at positions first, first + 1, ..
-    (first a multiple of chunk). Returns (lse, o) as _partial."""
+    own; chunk_valid (B, nc): chunks with a real token; the queries sit at positions first, first + 1, ...
+    Returns (lse, o) as _partial."""
     B, H, N, D = q.shape
     nc = chunk_valid.shape[1]
     group = min(opts.causal_global_elems // max(B * H * nc * r, 1), opts.causal_global_group)
@@ -284,7 +284,7 @@ def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT, first
     # masks: checkpoint restores the random state)
     use_ckpt = not _fused(q, opts) and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_g, v_g))
     shared = None
-    if _fused(q, opts) and bool(chunk_valid.all()):
+    if _fused(q, opts) and bool(chunk_valid.all()) and first % chunk == 0:  # its pattern starts at a chunk
         t = torch.arange(group, device=q.device)[:, None]
         own = torch.arange(group // chunk * r, device=q.device)[None, :] // r < t // chunk
         shared = torch.zeros(group, (nc + group // chunk) * r, dtype=q.dtype, device=q.device)
@@ -305,13 +305,13 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
     LN_G); or kg, vg (B, H, NG, D): projected keys and values as given (NG = cfg.num_projected(N)); or
     neither: window only. ln_local, ln_global: (weight, bias) of (D,) or (H, D), or None; pad (B, N) bool.
 
-    With cfg offsets (a shard of a longer sequence; kg, vg given): k, v (B, H, Nk, D) and pad (B, Nk) over
-    Nk keys, query row i at key position i + query_offset (the window part runs on queries padded with zero
-    rows to the Nk positions, and keeps the N real rows) and at chunk position i + chunk_offset (a multiple of
-    the chunk); gvis (B, NG) bool: which of the given projected vectors may be seen.
+    Keys beyond the queries, or a shard of a longer sequence (cfg offsets): k, v, proj and pad over Nk >= N
+    positions, query row i at key position i + query_offset and at chunk position i + chunk_offset (both
+    Nk - N by default); gvis (B, NG) bool: which of the given projected vectors may be seen.
     """
-    if cfg.query_offset is not None or cfg.chunk_offset is not None:
-        return _shard_attention(q, k, v, cfg=cfg, kg=kg, vg=vg, pad=pad, gvis=gvis, opts=opts)
+    if k.shape[2] != q.shape[2] or cfg.query_offset is not None or cfg.chunk_offset is not None:
+        return _shard_attention(q, k, v, cfg=cfg, proj=proj, kg=kg, vg=vg, ln_local=ln_local, ln_global=ln_global,
+                                pad=pad, gvis=gvis, opts=opts)
     B, H, N, D = q.shape
     acc = acc_dtype(q.dtype)
     mask = torch.zeros(B, N, dtype=torch.bool, device=q.device) if pad is None else pad
@@ -347,18 +347,38 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
     return out.to(q.dtype)
 
 
-def _shard_attention(q, k, v, *, cfg, kg, vg, pad, gvis, opts):
-    """``attention`` of N queries against Nk window keys and given projected vectors, with cfg's offsets: the
-    projected part over the real queries (at chunk positions chunk_offset ..), the window part over the queries
-    padded with zero rows to the key positions (their rows dropped), merged."""
+def _window_span(cfg, q_off, N, Nk):
+    """[lo, hi): the keys the windows of queries at key positions q_off .. q_off + N - 1 may hold, lo a whole
+    segment of w from the frame's start when bidirectional (segments stay where they are)."""
+    w = cfg.window
+    if cfg.causal:
+        return max(q_off - w + 1, 0), min(q_off + N, Nk)
+    e = half_width(w)
+    return max(q_off - e, 0) // w * w, min(((q_off + N - 1) // w + 1) * w + e, Nk)
+
+
+def _shard_attention(q, k, v, *, cfg, proj, kg, vg, ln_local, ln_global, pad, gvis, opts):
+    """``attention`` of N queries against Nk keys with cfg's offsets (keys beyond the queries, or a shard of a
+    longer sequence): the projection over every key (or the given vectors), seen by the real queries at chunk
+    positions chunk_offset ..; the window part over the keys the queries' windows may hold, against the
+    queries padded with zero rows to those keys' positions (their rows dropped); merged."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
+    acc = acc_dtype(q.dtype)
     q_off, c_off = cfg.offsets(N, Nk)
     mask = torch.zeros(B, Nk, dtype=torch.bool, device=q.device) if pad is None else pad
     q, k, v = (zero_padded_unless_finite(x, m) for x, m in ((q, mask[:, q_off:q_off + N]), (k, mask), (v, mask)))
+    k_loc, v_loc = layer_norm(k.to(acc), ln_local, cfg.eps), layer_norm(v.to(acc), ln_local, cfg.eps)
+    if proj is not None:
+        k_src, v_src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
+        kg, vg, seen = project(proj, k_src, v_src, mask, causal=cfg.causal, chunk=cfg.chunk, ln_global=ln_global,
+                               eps=cfg.eps)
+    elif kg is not None:
+        seen = torch.ones(B, kg.shape[2], dtype=torch.bool, device=q.device) if gvis is None else gvis
+    if _fused(q, opts) and not (all_finite(k_loc) and (kg is None or all_finite(kg))):
+        opts = replace(opts, fused_cpu=False)  # as attention: rows of -inf scores need the exact path
     parts = []
     if kg is not None and kg.shape[2] > 0:
-        seen = torch.ones(B, kg.shape[2], dtype=torch.bool, device=q.device) if gvis is None else gvis
         kg, vg = (x.to(q.dtype).masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
         if cfg.causal:
             parts.append(global_causal(q, kg, vg, seen[:, ::cfg.rank], cfg.chunk, cfg.rank, cfg.scale, opts,
@@ -366,9 +386,14 @@ def _shard_attention(q, k, v, *, cfg, kg, vg, pad, gvis, opts):
         else:
             parts.append(_partial(q, kg, vg, seen[:, None, None, :], cfg.scale, opts))
     if cfg.window > 0:
-        q_all = torch.cat([q.new_zeros(B, H, q_off, D), q, q.new_zeros(B, H, Nk - N - q_off, D)], dim=2)
+        lo, hi = _window_span(cfg, q_off, N, Nk)
+        before, after = q_off - lo, hi - lo - (q_off - lo) - N
+        q_all = torch.cat([q.new_zeros(B, H, before, D), q, q.new_zeros(B, H, after, D)], dim=2)
         local = _local_causal if cfg.causal else _local_bidirectional
-        lse, o = local(q_all, k, v, mask, cfg.window, cfg.scale, opts)
-        parts.append((lse[:, :, q_off:q_off + N], o[:, :, q_off:q_off + N]))
+        lse, o = local(q_all, k_loc[:, :, lo:hi].to(q.dtype), v_loc[:, :, lo:hi].to(q.dtype), mask[:, lo:hi],
+                       cfg.window, cfg.scale, opts)
+        parts.append((lse[:, :, before:before + N], o[:, :, before:before + N]))
+    if not parts:  # nothing visible to any query (zeros, still in the autograd graph)
+        return torch.where(torch.zeros_like(mask[:, q_off:q_off + N])[:, None, :, None], q, 0.0)
     out = _merge(parts)
     return out.masked_fill(mask[:, None, q_off:q_off + N, None], 0.0).to(q.dtype)
