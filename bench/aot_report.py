@@ -58,15 +58,15 @@ def kernel_specs(dtype, D, pad=True):
     types = {"K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "KN": t, "VN": t, "LN_STATS": acc}
     const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_N=rows, BLOCK_D=BLOCK_D)
     specs.append(("_ln_local_kernel", prepass_kernels._ln_local_kernel, types, const, 4, 1))
-    types = {"O": acc, "DO": t, "PAD": "i8", "DELTA": acc}
-    const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_M=rows, BLOCK_D=BLOCK_D)
+    types = {"O": t, "O_RES": t, "DO": t, "PAD": "i8", "DELTA": acc}
+    const = dict(HEAD_DIM=D, HAS_PAD=pad, HAS_RES=True, BLOCK_M=rows, BLOCK_D=BLOCK_D)
     specs.append(("_ls_bwd_delta_kernel", bwd_kernels._ls_bwd_delta_kernel, types, const, 4, 1))
     for causal in (False, True):
         mode = "causal" if causal else "bidir"
         flags = dict(HEAD_DIM=D, CAUSAL=causal, IS_FP64=fp64, PRECISION="ieee", BLOCK_D=BLOCK_D, HAS_PAD=pad)
-        types = {"Q": t, "K": t, "V": t, "O": t, "O_ACC": acc, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8",
+        types = {"Q": t, "K": t, "V": t, "O": t, "O_RES": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8",
                  "SCALARS": acc, "LSE": acc}
-        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, STORE_ACC=True,
+        const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, STORE_RES=True,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_N)
         specs.append((f"_ls_fwd_kernel[{mode}]", fwd_kernels._ls_fwd_kernel, types, const, warps, stages))
 

@@ -368,7 +368,7 @@ def glue_bytes(cfg, device="cpu"):
         with GlueCounter() as fwd:
             res = launch.forward(q, k, v, cfg=ls_cfg, proj=proj, pad=None, store_acc=True, gpu_tiles=True, **ln)
         with GlueCounter() as bwd:
-            launch.backward(do, q, k, v, cfg=ls_cfg, o=res.o_acc if res.o_acc is not None else res.out, lse=res.lse,
+            launch.backward(do, q, k, v, cfg=ls_cfg, o=res.out, o_res=res.o_res, lse=res.lse,
                             projected=res.projected, ln_stats=res.ln_stats, proj=proj, gpu_tiles=True, **ln)
     return {"forward": fwd.bytes, "backward": bwd.bytes}
 

@@ -18,7 +18,7 @@ from ls_kernels.triton_backend import launch, projection
 from ls_kernels.triton_backend.args import block_d, block_g
 from ls_kernels.triton_backend.kernels import projection as prj_kernels
 
-ACC_BYTES = 4  # fp32 statistics, partials and the unrounded output
+ACC_BYTES = 4  # fp32 statistics and partials
 INT_BYTES = 1  # padding and visibility flags (absent here: no padding)
 SPLIT_DOTS = 2  # dprob's fp16/bf16 dots with dKraw, dVraw split in a high and a low part
 
@@ -183,13 +183,13 @@ def runs(pc):
     iters = _attention_iters(cfg, N, NG, BM, BN, BG)
     issued = (iters[:, :2].sum() * BG + iters[:, 2:].sum() * BN) * BM * BH
     add(f"_ls_fwd_kernel[{mode}]", "forward", dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_G=BG), ATTENTION_LOOPS, iters,
-        [2 * BG * row] * 2 + [2 * BN * row] * 3, BM * (2 * row + acc_row + ACC_BYTES),
+        [2 * BG * row] * 2 + [2 * BN * row] * 3, BM * (3 * row + ACC_BYTES),  # q in; o, its residual, lse out
         [4 * BM * BG * block_d(D)] * 2 + [4 * BM * BN * block_d(D)] * 3,
-        3 * qkv + 2 * BH * NG * row + qkv + BH * N * (acc_row + ACC_BYTES), issued_scores=issued)
+        3 * qkv + 2 * BH * NG * row + 2 * qkv + BH * N * ACC_BYTES, issued_scores=issued)
 
     # backward: delta, dKg/dVg (+ combine with the LN_G backward), projection backward, dK/dV, dQ
     add("_ls_bwd_delta_kernel", "backward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
-        rows * (row + acc_row + ACC_BYTES), [], BH * N * (row + acc_row + ACC_BYTES))
+        rows * (3 * row + ACC_BYTES), [], BH * N * (3 * row + ACC_BYTES))  # dO, o, its residual in; delta out
     tiles = launch.bwd_config(D, dtype)
     t = tiles["dkv_global"]
     GBG = block_g(NG, t.block_n)

@@ -96,7 +96,7 @@ def measure(preset, N, dtype, batch=1):
     dout = torch.randn(out.shape, generator=g).to(dtype)
     COUNT.clear()
     with _CountGlue():
-        grads = triton_backend.backward(dout, q, k, v, o=res.o_acc if res.o_acc is not None else res.out,
+        grads = triton_backend.backward(dout, q, k, v, o=res.out, o_res=res.o_res,
                                         lse=res.lse, projected=res.projected, ln_stats=res.ln_stats, **kw)
     bwd = dict(COUNT)
     return {"forward": (fwd, nbytes(q, k, v, proj, out)),

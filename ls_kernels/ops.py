@@ -8,12 +8,12 @@ op                                         computes
 ``ls_kernels::attention_torch_fwd``        ``ls_attention``, blocked PyTorch path -> out
 ``ls_kernels::attention_torch_bwd``        its gradients (recomputes the blocked forward)
 ``ls_kernels::attention_triton_fwd``       ``ls_attention``, Triton kernels -> out and what the
-                                           backward needs (o_acc, lse, projected keys, ...)
+                                           backward needs (o_res, lse, projected keys, ...)
 ``ls_kernels::attention_triton_bwd``       its gradients (Triton backward kernels)
 ``ls_kernels::projected_torch_fwd``        ``ls_attention_projected`` (projected keys and values
                                            given by the caller), blocked PyTorch path -> out
 ``ls_kernels::projected_torch_bwd``        its gradients (recomputes)
-``ls_kernels::projected_triton_fwd``       ``ls_attention_projected``, Triton -> out, o_acc, lse
+``ls_kernels::projected_triton_fwd``       ``ls_attention_projected``, Triton -> out, o_res, lse
 ``ls_kernels::projected_triton_bwd``       its gradients
 =========================================  =====================================================
 
@@ -175,7 +175,7 @@ class _AttentionSaved(NamedTuple):
     v: Tensor
     proj: Optional[Tensor]
     out: Tensor
-    o_acc: Tensor
+    o_res: Tensor
     lse: Tensor
     kg: Tensor
     vg: Tensor
@@ -196,16 +196,16 @@ def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor]
                          key_padding_mask: Optional[Tensor], window: int, causal: bool, chunk: int,
                          project_after_ln: bool, scale: float, eps: float, store_acc: bool
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty), lse, the
+    """Returns out, o_res (its rounding residual for fp16/bf16 when store_acc, else empty), lse, the
     projection's kg, vg, k_raw, v_raw, col_lse, and the LN_L row statistics (empty without LN_L)."""
     cfg = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps)
     with no_autocast(q):
         fwd = triton_backend.forward(q, k, v, cfg=cfg, proj=proj, ln_local=_pair(lnl_w, lnl_b),
                                      ln_global=_pair(lng_w, lng_b), pad=key_padding_mask, store_acc=store_acc)
-    o_acc = fwd.o_acc.contiguous() if fwd.o_acc is not None else _empty(fwd.lse)
+    o_res = fwd.o_res.contiguous() if fwd.o_res is not None else _empty(fwd.lse)
     ln_stats = fwd.ln_stats if fwd.ln_stats is not None else _empty(fwd.lse)
     # the window-only forward shares one empty tensor between the projected outputs: ops return no aliases
-    return (fwd.out.contiguous(), o_acc, fwd.lse, *(x.clone() if proj is None else x for x in fwd.projected),
+    return (fwd.out.contiguous(), o_res, fwd.lse, *(x.clone() if proj is None else x for x in fwd.projected),
             ln_stats)
 
 
@@ -217,16 +217,17 @@ def _(q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b, key_padding_mask, window, causa
     acc = acc_dtype(q.dtype)
     NG = _attention_cfg(proj, window, causal, chunk, project_after_ln, scale, eps).num_projected(Nk)
     new = lambda *shape: q.new_empty(shape, dtype=acc)  # noqa: E731
-    o_acc = new(B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else new(0)
+    res_dtype = triton_backend.kernel_dtype(q.dtype)
+    o_res = q.new_empty((B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else (0,), dtype=res_dtype)
     projected_kv = q.new_empty((B, H, NG, D), dtype=triton_backend.kernel_dtype(q.dtype))  # kg, vg
     uses_ln = lnl_w is not None and (window > 0 or (proj is not None and project_after_ln))
-    return (q.new_empty(q.shape), o_acc, new(B, H, N), projected_kv, projected_kv.clone(), new(B, H, NG, D),
+    return (q.new_empty(q.shape), o_res, new(B, H, N), projected_kv, projected_kv.clone(), new(B, H, NG, D),
             new(B, H, NG, D), new(B, H, NG), new(4, B, H, Nk) if uses_ln else new(0))
 
 
 @torch.library.custom_op("ls_kernels::attention_triton_bwd", mutates_args=())
 def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj: Optional[Tensor], out: Tensor,
-                         o_acc: Tensor, lse: Tensor, kg: Tensor, vg: Tensor, k_raw: Tensor, v_raw: Tensor,
+                         o_res: Tensor, lse: Tensor, kg: Tensor, vg: Tensor, k_raw: Tensor, v_raw: Tensor,
                          col_lse: Tensor, ln_stats: Tensor, lnl_w: Optional[Tensor], lnl_b: Optional[Tensor],
                          lng_w: Optional[Tensor], lng_b: Optional[Tensor], key_padding_mask: Optional[Tensor],
                          window: int, causal: bool, chunk: int, project_after_ln: bool, scale: float, eps: float
@@ -235,7 +236,7 @@ def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj
     like = (q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b)
     with _autograd_dispatch(), no_autocast(q):
         grads = triton_backend.backward(
-            grad_out.to(q.dtype), q, k, v, cfg=cfg, o=o_acc if o_acc.numel() > 0 else out, lse=lse,
+            grad_out.to(q.dtype), q, k, v, cfg=cfg, o=out, o_res=o_res if o_res.numel() > 0 else None, lse=lse,
             projected=Projected(kg, vg, k_raw, v_raw, col_lse),
             ln_stats=ln_stats if ln_stats.numel() > 0 else None, proj=proj, ln_local=_pair(lnl_w, lnl_b),
             ln_global=_pair(lng_w, lng_b), pad=key_padding_mask)
@@ -243,7 +244,7 @@ def attention_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, proj
 
 
 @attention_triton_bwd.register_fake
-def _(grad_out, q, k, v, proj, out, o_acc, lse, kg, vg, k_raw, v_raw, col_lse, ln_stats, lnl_w, lnl_b, lng_w, lng_b,
+def _(grad_out, q, k, v, proj, out, o_res, lse, kg, vg, k_raw, v_raw, col_lse, ln_stats, lnl_w, lnl_b, lng_w, lng_b,
       *args):
     return _fake_grads((q, k, v, proj, lnl_w, lnl_b, lng_w, lng_b))
 
@@ -318,7 +319,7 @@ class _ProjectedSaved(NamedTuple):
     kg: Tensor
     vg: Tensor
     out: Tensor
-    o_acc: Tensor
+    o_res: Tensor
     lse: Tensor
     key_padding_mask: Optional[Tensor]
     gvis: Optional[Tensor]
@@ -330,13 +331,13 @@ def projected_triton_fwd(q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor
                          scale: float, store_acc: bool, gvis: Optional[Tensor] = None,
                          query_offset: Optional[int] = None, chunk_offset: Optional[int] = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns out, o_acc (fp32 unrounded output for fp16/bf16 when store_acc, else empty) and lse. gvis,
+    """Returns out, o_res (its rounding residual for fp16/bf16 when store_acc, else empty) and lse. gvis,
     query_offset, chunk_offset: as projected_torch_fwd."""
     cfg = _projected_cfg(window, causal, chunk, rank, scale, query_offset, chunk_offset)
     with no_autocast(q):
         fwd = triton_backend.forward(q, k, v, cfg=cfg, kg=kg, vg=vg, pad=key_padding_mask, gvis=gvis,
                                      store_acc=store_acc)
-    return fwd.out.contiguous(), (fwd.o_acc.contiguous() if fwd.o_acc is not None else _empty(fwd.lse)), fwd.lse
+    return fwd.out.contiguous(), (fwd.o_res.contiguous() if fwd.o_res is not None else _empty(fwd.lse)), fwd.lse
 
 
 @projected_triton_fwd.register_fake
@@ -344,13 +345,14 @@ def _(q, k, v, kg, vg, key_padding_mask, window, causal, chunk, rank, scale, sto
       query_offset=None, chunk_offset=None):
     B, H, N, D = q.shape
     acc = acc_dtype(q.dtype)
-    o_acc = q.new_empty((B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else (0,), dtype=acc)
-    return q.new_empty(q.shape), o_acc, q.new_empty((B, H, N), dtype=acc)
+    o_res = q.new_empty((B, H, N, D) if store_acc and q.dtype in HALF_DTYPES else (0,),
+                        dtype=triton_backend.kernel_dtype(q.dtype))
+    return q.new_empty(q.shape), o_res, q.new_empty((B, H, N), dtype=acc)
 
 
 @torch.library.custom_op("ls_kernels::projected_triton_bwd", mutates_args=())
 def projected_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kg: Tensor, vg: Tensor, out: Tensor,
-                         o_acc: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], gvis: Optional[Tensor],
+                         o_res: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor], gvis: Optional[Tensor],
                          window: int, causal: bool, chunk: int, rank: int, scale: float,
                          query_offset: Optional[int] = None, chunk_offset: Optional[int] = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -359,7 +361,7 @@ def projected_triton_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, kg: 
         grads = triton_backend.backward(grad_out.to(q.dtype), q, k, v,
                                         cfg=_projected_cfg(window, causal, chunk, rank, scale, query_offset,
                                                            chunk_offset),
-                                        o=o_acc if o_acc.numel() > 0 else out, lse=lse, kg=kg, vg=vg,
+                                        o=out, o_res=o_res if o_res.numel() > 0 else None, lse=lse, kg=kg, vg=vg,
                                         pad=key_padding_mask, gvis=gvis)
     return _grads_out((grads.q, grads.k, grads.v, grads.kg, grads.vg), like)
 

@@ -238,18 +238,18 @@ def test_glue_bytes_count_the_ops_between_stubbed_kernels(monkeypatch):
         assert cfg.scale == pytest.approx(GLUE_CFG.dim ** -0.5) and cfg.project_after_ln and not cfg.causal
         _fill_ones[(1,)](flag, 16, BLOCK=16)
         out = q + k
-        return launch.Forward(out=out, o_acc=None, lse="lse", projected="projected", ln_stats="ln_stats")
+        return launch.Forward(out=out, o_res=None, lse="lse", projected="projected", ln_stats="ln_stats")
 
-    def backward(do, q, k, v, *, cfg, o, lse, projected, ln_stats, proj, ln_local, ln_global, gpu_tiles):
+    def backward(do, q, k, v, *, cfg, o, o_res, lse, projected, ln_stats, proj, ln_local, ln_global, gpu_tiles):
         assert do.shape == shape and (lse, projected, ln_stats) == ("lse", "projected", "ln_stats")
-        seen["o"] = o
+        seen["o"], seen["o_res"] = o, o_res
         return do * o
 
     monkeypatch.setattr(launch, "forward", forward)
     monkeypatch.setattr(launch, "backward", backward)
     assert pm.glue_bytes(cfg) == {"forward": 3 * nbytes, "backward": 3 * nbytes}
     assert (flag == 0).all()  # the kernel was stubbed
-    assert seen["o"].shape == shape  # out is the backward's o when no o_acc is returned
+    assert seen["o"].shape == shape and seen["o_res"] is None  # out is the backward's o, no residual kept
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

@@ -145,11 +145,11 @@ def _ln_local_rows(k, v, out, *, row0, ln_local, pad8, stride_pad, scalars):
 
 
 class Forward(NamedTuple):
-    """``forward``'s results: out (B, H, N, D) in q's dtype; o_acc, the fp32 output when kept for the backward
-    (else None); lse (B, H, N) (+inf where a query sees nothing); the Projected the backward needs; ln_stats
+    """``forward``'s results: out (B, H, N, D) in q's dtype; o_res, the output's rounding residual
+    (out - round(out), in the kernels' dtype) when kept for the backward (else None); lse (B, H, N) (+inf where a query sees nothing); the Projected the backward needs; ln_stats
     (4, B, H, N), the LN_L row statistics the backward needs (None without LN_L)."""
     out: torch.Tensor
-    o_acc: Optional[torch.Tensor]
+    o_res: Optional[torch.Tensor]
     lse: torch.Tensor
     projected: Projected
     ln_stats: Optional[torch.Tensor]
@@ -164,8 +164,9 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     (B, H, NG, D): projected keys and values as given; or neither: window only. ln_local, ln_global:
     (weight, bias) of (D,) or (H, D), or None; pad (B, Nk) bool; gvis (B, NG) bool: which given projected
     vectors may be seen (default: from pad, cfg.offsets place the queries).
-    store_acc: also keep the output unrounded (fp32) for the backward; with fp16/bf16 outputs,
-    rowsum(dO * O) from the rounded O is the backward's largest error. Returns a Forward.
+    store_acc: also keep the output's rounding residual (out - round(out), in q's dtype: half the bytes of an
+    fp32 copy) for the backward; with fp16/bf16 outputs, rowsum(dO * O) from the rounded O alone is the
+    backward's largest error. Returns a Forward.
     """
     dtype = q.dtype
     q, k, v = _kernel_tensors(q, k, v)
@@ -196,20 +197,23 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     q_off, c_off = cfg.offsets(N, Nk)
     tiles = fwd_config(D, q.dtype, gpu_tiles)
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
-    keep_acc = store_acc and dtype in HALF_DTYPES
-    o_acc = torch.empty(B, H, N, D, dtype=acc, device=device) if keep_acc else out
+    keep_res = store_acc and dtype in HALF_DTYPES
+    res_in_kernel = keep_res and q.dtype == dtype  # (the interpreter computes bf16 in fp32: residual below)
+    o_res = torch.empty(B, H, N, D, dtype=q.dtype, device=device) if keep_res else None
     lse = torch.empty(B, H, N, dtype=acc, device=device)
     _ls_fwd_kernel[(triton.cdiv(N, tiles.block_m), H, B)](
         q, kn, vn, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(device), scalars,
-        out, o_acc, lse,
+        out, o_res if res_in_kernel else absent(device), lse,
         *bhn_strides(q, kn, vn, out), stride_pad,
         H, N, Nk, q_off, c_off, NG, cfg.window, cfg.half_width, cfg.chunk, rank,
         HEAD_DIM=D, CAUSAL=cfg.causal, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None,
-        IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_ACC=keep_acc,
+        IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_RES=res_in_kernel,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_G=block_g(NG, tiles.block_n), BLOCK_D=block_d(D),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return Forward(out=out.to(dtype), o_acc=o_acc if keep_acc else None, lse=lse, projected=projected,
+    if keep_res and not res_in_kernel:
+        o_res = out - out.to(dtype).to(out.dtype)
+    return Forward(out=out.to(dtype), o_res=o_res, lse=lse, projected=projected,
                    ln_stats=ln_stats)
 
 
@@ -220,15 +224,18 @@ def _common(q, cfg, tiles):
                 num_stages=tiles.num_stages)
 
 
-def _delta(o, do, *, pad8, stride_pad, q_off, acc):
-    """rowsum(dO * O) (B, H, N) in the accumulation dtype, 0 at padded queries whatever dO holds there (query
-    row i at padding position i + q_off)."""
+def _delta(o, o_res, do, *, pad8, stride_pad, q_off, acc):
+    """rowsum(dO * (O + O_res)) (B, H, N) in the accumulation dtype (O_res: the output's rounding residual, or
+    None), 0 at padded queries whatever dO holds there (query row i at padding position i + q_off)."""
     B, H, N, D = do.shape
     delta = torch.empty(B, H, N, dtype=acc, device=do.device)
+    o, = _kernel_tensors(o)
     _ls_bwd_delta_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), H, B)](
-        o.contiguous(), do, pad8 if pad8 is not None else absent(do.device), delta,
+        o.contiguous(), o_res.contiguous() if o_res is not None else absent(do.device), do,
+        pad8 if pad8 is not None else absent(do.device), delta,
         do.stride(0), do.stride(1), do.stride(2), stride_pad, H, N, q_off,
-        HEAD_DIM=D, HAS_PAD=pad8 is not None, BLOCK_M=ROWS_PER_PROGRAM, BLOCK_D=block_d(D), num_warps=4,
+        HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_RES=o_res is not None, BLOCK_M=ROWS_PER_PROGRAM,
+        BLOCK_D=block_d(D), num_warps=4,
     )
     return delta
 
@@ -327,12 +334,12 @@ def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, offsets, ln_local, l
     return dk, dv, kn, vn, dlnw_part, dlnb_part
 
 
-def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, ln_stats=None, proj=None, kg=None, vg=None,
-             ln_local=None, ln_global=None, pad=None, gvis=None, gpu_tiles=GPU_TILES):
-    """Gradients of ``forward``'s inputs: o is its o_acc (or its out), lse, projected and ln_stats what it
-    returned (projected with proj; ln_stats with ln_local), or kg, vg the projected keys and values it was
-    given. Returns Grads: with proj, the gradients of
-    proj and of the LayerNorm parameters; with kg, vg given, those of kg and vg."""
+def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, ln_stats=None, proj=None, kg=None,
+             vg=None, ln_local=None, ln_global=None, pad=None, gvis=None, gpu_tiles=GPU_TILES):
+    """Gradients of ``forward``'s inputs: o, o_res, lse, projected and ln_stats what it returned (out, its
+    rounding residual when kept, projected with proj, ln_stats with ln_local), or kg, vg the projected keys and
+    values it was given. Returns Grads: with proj, the gradients of proj and of the LayerNorm parameters; with
+    kg, vg given, those of kg and vg."""
     uses_ln = ln_local is not None and (cfg.window > 0 or (proj is not None and cfg.project_after_ln))
     if uses_ln != (ln_stats is not None):
         raise ValueError(f"ln_stats: forward's LN_L statistics are needed exactly when LN_L is used "
@@ -347,7 +354,7 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, projected=None, ln_stats=Non
         projected = _given(kg, vg, acc, q)
     pad8, stride_pad = pad_int8(pad)
     offsets = cfg.offsets(N, Nk)
-    delta = _delta(o, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
+    delta = _delta(o, o_res, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
     NG = projected.kg.shape[2]
     gvis = gvis_int8(pad, B, Nk, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device, given=gvis)
     tiles = bwd_config(D, q.dtype, gpu_tiles)

@@ -13,21 +13,24 @@ from .visibility import _query_bounds, _tile_split, _visit_keys
 
 @triton.jit
 def _ls_bwd_delta_kernel(
-    O,  # [B, H, N, HEAD_DIM] contiguous: the forward's output (fp32 when kept unrounded)
+    O,  # [B, H, N, HEAD_DIM] contiguous: the forward's output as returned
+    O_RES,  # [B, H, N, HEAD_DIM] contiguous: its rounding residual (HAS_RES): O + O_RES is the unrounded output
     DO,  # [B, H, N, HEAD_DIM], unit last stride
     PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     DELTA,  # [B, H, N] contiguous, accumulation dtype: rowsum(dO * O), 0 at padded queries
     stride_dob, stride_doh, stride_don, stride_padb,
     H, N, Q_OFF,
-    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, _ = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
     q_ok = _real_rows(PAD + off_b * stride_padb + Q_OFF, offs_m, mask_m, HAS_PAD)  # [BLOCK_M]: dO at padding ignored
     row = (off_b * H + off_h) * N + offs_m.to(tl.int64)
-    o = _load_rows(O, row, HEAD_DIM, q_ok, offs_d, mask_d)  # [BLOCK_M, BLOCK_D]
+    o = _load_rows(O, row, HEAD_DIM, q_ok, offs_d, mask_d).to(DELTA.dtype.element_ty)  # [BLOCK_M, BLOCK_D]
+    if HAS_RES:
+        o += _load_rows(O_RES, row, HEAD_DIM, q_ok, offs_d, mask_d).to(DELTA.dtype.element_ty)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, stride_don, q_ok, offs_d, mask_d)
-    delta = tl.sum(do.to(DELTA.dtype.element_ty) * o.to(DELTA.dtype.element_ty), axis=1)
+    delta = tl.sum(do.to(DELTA.dtype.element_ty) * o, axis=1)
     tl.store(DELTA + row, delta, mask=mask_m)
 
 

@@ -19,7 +19,7 @@ def _ls_fwd_kernel(
     PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     SCALARS,  # [4]: _load_scalars
     O,  # [B, H, N, HEAD_DIM] output, q's dtype
-    O_ACC,  # [B, H, N, HEAD_DIM] contiguous, fp32: the unrounded output (STORE_ACC)
+    O_RES,  # [B, H, N, HEAD_DIM] contiguous, O's dtype: the output's rounding residual, out - round(out) (STORE_RES)
     LSE,  # [B, H, N] contiguous: row logsumexp in the scores' units
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -28,7 +28,7 @@ def _ls_fwd_kernel(
     stride_padb,
     H, N, NK, Q_OFF, C_OFF, NG, WINDOW, HALF, CHUNK, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_GLOBAL: tl.constexpr,
-    HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, STORE_ACC: tl.constexpr,
+    HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, STORE_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     off_b, off_h, start_m, offs_m, mask_m, offs_d, mask_d, last_m = _query_block(N, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -59,7 +59,8 @@ def _ls_fwd_kernel(
         lse = tl.where(q_pad, float("inf"), lse)
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    if STORE_ACC:  # unrounded output, (B, H, N, HEAD_DIM): the backward's rowsum(dO * O) uses it
-        acc_ptrs = O_ACC + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(acc_ptrs, out, mask=mask_m[:, None] & mask_d[None, :])
+    if STORE_RES:  # what rounding to O's dtype dropped: the backward's rowsum(dO * O) adds it back
+        res_ptrs = O_RES + ((off_b * H + off_h) * N + offs_m.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+        res = out - out.to(O.dtype.element_ty).to(out.dtype)
+        tl.store(res_ptrs, res.to(O_RES.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + (off_b * H + off_h) * N + offs_m, lse, mask=mask_m)
