@@ -90,7 +90,7 @@ def measure(preset, N, dtype, batch=1):
               proj=proj, ln_local=ln(), ln_global=ln(), gpu_tiles=True)
     COUNT.clear()
     with _CountGlue():
-        out = triton_backend.forward(q, k, v, **kw).out  # inference: no fp32 copy of O
+        out = triton_backend.forward(q, k, v, **kw).out  # inference: no rounding residual of O kept
     fwd = dict(COUNT)
     res = triton_backend.forward(q, k, v, store_acc=True, **kw)
     dout = torch.randn(out.shape, generator=g).to(dtype)
