@@ -94,7 +94,7 @@ def kernel_specs(dtype, D, pad=True):
     specs.append(("_ls_bwd_dkv_global_combine_kernel", bwd_kernels._ls_bwd_dkv_global_combine_kernel, types, const,
                   4, 1))
 
-    BLOCK_N, BLOCK_R = prj.proj_config(D, r=32, seg_len=4096)
+    BLOCK_N, BLOCK_R = prj.proj_config(D, r=32)
     flags = dict(HEAD_DIM=D, HAS_LN=True, BLOCK_D=BLOCK_D)
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "PART_M": acc,
              "PART_Z": acc, "PART_K": acc, "PART_V": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc,

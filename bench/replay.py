@@ -149,8 +149,7 @@ def runs(pc):
     if tail:
         add("_ln_local_kernel", "forward", {}, [], np.zeros((_cdiv(tail, rows), 0), int), [],
             rows * (4 * row + 4 * ACC_BYTES), [], BH * tail * (4 * row + 4 * ACC_BYTES))
-    seg = pc.chunk if pc.causal else N
-    PBN, PBR = projection.proj_config(D, r, seg)
+    PBN, PBR = projection.proj_config(D, r)
     n_rblk = _cdiv(r, PBR)
     if pc.causal:
         n_seg, seg_len, n_groups = N // pc.chunk, pc.chunk, N // pc.chunk

@@ -73,7 +73,7 @@ def ls_attention(q, k, v, proj=None, *, window, causal=False, chunk=16, ln_local
     lnl = ln_local if ln_local is not None else (None, None)
     lng = ln_global if ln_global is not None else (None, None)
     tensors = (q, k, v, proj, *lnl, *lng)
-    if q.numel() == 0 or k.shape[2] == 0:
+    if q.numel() == 0:
         return _empty_output(q, tensors)
     args = (*tensors, key_padding_mask, cfg.window, cfg.causal, cfg.chunk, cfg.project_after_ln, cfg.scale, cfg.eps)
     if triton:

@@ -170,12 +170,9 @@ class LSCache:
             _put_rows(self.win_v, slots, torch.where(padding, rows(self.win_v, slots), rows(v_new, src)))
         self.lengths += n_new
 
-    def nbytes(self, used_only=True):
-        """Bytes the cache holds: with used_only, those of its sequences' current contents (the formula of
-        the module docstring, summed over the batch); else its allocated tensors."""
-        if not used_only:
-            return sum(x.numel() * x.element_size() for x in (self.lengths, self.win_k, self.win_v, self.kg,
-                                                                self.vg, self.part_k, self.part_v, self.part_logits))
+    def nbytes(self):
+        """Bytes of its sequences' current contents (the formula of the module docstring, summed over the
+        batch)."""
         H, D = self.num_heads, self.head_dim
         es, acc_es = self.win_k.element_size(), self.part_k.element_size()
         chunks = int((self.lengths // self.chunk).sum())

@@ -39,6 +39,17 @@ def projected_visibility(key_padding_mask, B, N, rank, *, causal=False, chunk=16
     return real.any(-1, keepdim=True).expand(B, rank)
 
 
+def given_visibility(cfg, gvis, pad, B, N, NG, device):
+    """(B, NG) bool: which of NG given projected vectors the queries may see: gvis where the caller says; all
+    of them for a shard of a longer sequence (cfg offsets: its padding cannot tell); else from the padding
+    (B, N) of the sequence they were projected from."""
+    if gvis is not None:
+        return gvis
+    if cfg.query_offset is not None or cfg.chunk_offset is not None:
+        return torch.ones(B, NG, dtype=torch.bool, device=device)
+    return projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal, chunk=cfg.chunk, device=device)
+
+
 def all_finite(x):
     """Whether x holds no inf or NaN, by one reduction (no boolean copy of x). A sum that overflows answers
     False, and so does a call while torch.compile traces (there is no data to look at): either only sends

@@ -60,13 +60,14 @@ class _Halo(Function):
     def forward(ctx, to_left, to_right, group):
         ctx.group = group
         got = _exchange(to_left, to_right, group)
-        ctx.like = [None if x is None else torch.zeros_like(x) for x in got]  # stand-ins for unused outputs
+        ctx.like = [None if x is None else (x.shape, x.dtype, x.device) for x in got]  # zeros for unused outputs
         return got
 
     @staticmethod
     def backward(ctx, g_from_left, g_from_right):
         # my from_left came from the previous rank's to_right: its gradient goes back left, and so on
-        back = [like if g is None and like is not None else g for g, like in zip((g_from_left, g_from_right), ctx.like)]
+        back = [torch.zeros(like[0], dtype=like[1], device=like[2]) if g is None and like is not None else g
+                for g, like in zip((g_from_left, g_from_right), ctx.like)]
         grad_to_left, grad_to_right = _exchange(back[0], back[1], ctx.group)
         return grad_to_left, grad_to_right, None
 
@@ -164,26 +165,30 @@ def _window_keys(k_loc, v_loc, pad, cfg, group):
     padding rows, the left neighbour's last e keys, the shard, the right neighbour's first e (the key frame
     then starts a whole segment before the shard); causal: the left neighbour's last w - 1 keys, the shard."""
     B, H, n, D = k_loc.shape
-    keep = (~pad).to(k_loc.dtype)[:, None, :, None]
-    packed = torch.cat([k_loc, v_loc, keep.expand(B, H, n, 1)], dim=-1)  # halo rows travel with their padding
+
+    def pack(lo, hi):  # rows lo .. hi - 1 as they travel: key, value and a 1 for a real position
+        keep = (~pad[:, lo:hi]).to(k_loc.dtype)[:, None, :, None].expand(B, H, hi - lo, 1)
+        return torch.cat([k_loc[:, :, lo:hi], v_loc[:, :, lo:hi], keep], dim=-1)
+
+    def unpack(rows):  # (keys, values, padding)
+        return rows[..., :D], rows[..., D:2 * D], rows[:, 0, :, -1].detach() == 0
+
     if cfg.causal:
         h = cfg.window - 1
         if h == 0:
             return k_loc, v_loc, pad, 0
-        tail = packed[:, :, max(n - h, 0):]
+        tail = pack(max(n - h, 0), n)
         if n < h:  # the last shard, whose rows go nowhere: the same shape as everyone's
             tail = torch.cat([tail.new_zeros(B, H, h - n, 2 * D + 1), tail], dim=2)
         left, _ = _Halo.apply(None, tail, group)
-        rows = torch.cat([left, packed], dim=2)
-        q_off = h
+        parts, q_off = [unpack(left), (k_loc, v_loc, pad)], h
     else:
         e = half_width(cfg.window)
-        left, right = _Halo.apply(packed[:, :, :e], packed[:, :, n - e:], group)
-        lead = packed.new_zeros(B, H, cfg.window - e, 2 * D + 1)
-        rows = torch.cat([lead, left, packed, right], dim=2)
-        q_off = cfg.window
-    key_pad = rows[:, 0, :, -1].detach() == 0
-    return rows[..., :D], rows[..., D:2 * D], key_pad, q_off
+        left, right = _Halo.apply(pack(0, e), pack(n - e, n), group)
+        lead = k_loc.new_zeros(B, H, cfg.window - e, 2 * D + 1)  # padding: the frame starts at a segment
+        parts, q_off = [unpack(lead), unpack(left), (k_loc, v_loc, pad), unpack(right)], cfg.window
+    keys, values, key_pad = (torch.cat([p[i] for p in parts], dim=2 if i < 2 else 1) for i in range(3))
+    return keys, values, key_pad, q_off
 
 
 def cp_attention(q, k, v, proj, *, cfg: LSConfig, norm_local, norm_global, pad, group, triton):

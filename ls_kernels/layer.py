@@ -202,45 +202,41 @@ class LongShortAttention(nn.Module):
             return {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in sides}
         return {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS)) for side in sides}
 
+    def _heads_and_settings(self, x):
+        """(q, k, v (B, H, T, D), proj (B, H, T, r) or None, LSConfig, LN_L and LN_G functions) of x (B, T, E)
+        for the paths that normalise through functions (decoding, shards)."""
+        B, T, E = x.shape
+        H, D, r = self.num_heads, self.head_dim, self.rank
+        q, k, v = (f(x).reshape(B, T, H, D).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
+        proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
+        cfg = LSConfig(window=self.window, causal=self.causal, chunk=self.chunk, rank=r, scale=default_scale(D),
+                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
+        return q, k, v, proj, cfg, self._norms()
+
+    def _merge_heads(self, o):
+        """(B, H, T, D) -> the output map of (B, T, E)."""
+        B, H, T, D = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, H * D))
+
     def _sharded(self, x, key_padding_mask):
         """forward of this rank's shard x (B, n, E) of a sequence split across self.process_group
         (``ls_kernels.distributed``): the rows a forward over the whole sequence gives."""
         check_layer_sharded(self.training, self.dropout)
-        B, n, E = x.shape
-        H, D, r = self.num_heads, self.head_dim, self.rank
-
-        def heads(t):  # (B, n, E) -> (B, H, n, D)
-            return t.reshape(B, n, H, D).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        proj = self.dproj(x).reshape(B, n, H, r).transpose(1, 2) if r > 0 else None
-        norm = self._norms()
-        cfg = LSConfig(window=self.window, causal=self.causal, chunk=self.chunk, rank=r, scale=default_scale(D),
-                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
+        q, k, v, proj, cfg, norm = self._heads_and_settings(x)
         o = cp_attention(q, k, v, proj, cfg=cfg, norm_local=norm["ln_local"], norm_global=norm["ln_global"],
                          pad=key_padding_mask, group=self.process_group, triton=use_triton(q, self.backend))
-        return self.out_proj(o.transpose(1, 2).reshape(B, n, E))
+        return self._merge_heads(o)
 
     def _decode(self, x, key_padding_mask, cache):
         """forward with a cache: the new tokens' Q, K, V and logits, LN_L (per head or model-wide) and LN_G
         (per head, or model-wide over each projected vector's merged heads) as in forward, then ls_decode."""
         n_new = check_layer_cache(x, key_padding_mask, cache, causal=self.causal, training=self.training,
                                   dropout=self.dropout)
-        B, T, E = x.shape
-        H, D, r = self.num_heads, self.head_dim, self.rank
-
-        def heads(t):  # (B, T, E) -> (B, H, T, D)
-            return t.reshape(B, T, H, D).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(x)), self.k_proj(x), self.v_proj(x)
-        proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
-        check_cache_fits(cache, q, window=self.window, chunk=self.chunk, rank=r)
-        norm = self._norms()
-        cfg = LSConfig(window=self.window, causal=True, chunk=self.chunk, rank=r, scale=default_scale(D),
-                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
-        o = decode_tokens(q, heads(k), heads(v), proj, cache, cfg=cfg, norm_local=norm["ln_local"],
-                          norm_global=norm["ln_global"], n_new=n_new, triton=use_triton(q, self.backend))
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
+        q, k, v, proj, cfg, norm = self._heads_and_settings(x)
+        check_cache_fits(cache, q, window=self.window, chunk=self.chunk, rank=self.rank)
+        o = decode_tokens(q, k, v, proj, cache, cfg=cfg, norm_local=norm["ln_local"], norm_global=norm["ln_global"],
+                          n_new=n_new, triton=use_triton(q, self.backend))
+        return self._merge_heads(o)
 
     @classmethod
     def from_official_lra(cls, state_dict, num_heads, window, rank, *, prefix="", backend="auto"):

@@ -153,8 +153,7 @@ def check_attention(q, k, v, proj, *, window, causal, chunk, ln_local, ln_global
     _check_ln("ln_global", ln_global, H, D, q)
     _check_mask(key_padding_mask, k)
     _check_scale(scale)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
+    _check_eps(eps)
     _check_backend(backend)
     cfg = LSConfig(window=clamp_window(window, k.shape[2]), causal=causal, chunk=chunk,
                    rank=proj.shape[-1] if proj is not None else 0,
@@ -231,6 +230,11 @@ def check_dynamic_projection(proj, k, v, *, causal, chunk, key_padding_mask):
     _check_bool("causal", causal)
     _check_int("chunk", chunk, 1)
     _check_mask(key_padding_mask, k)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
 
 
 def _check_scale(scale):

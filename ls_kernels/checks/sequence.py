@@ -1,13 +1,9 @@
 """Checks of calls over part of a sequence: a decoding step against its cache (``ls_decode``), and the shard
 lengths of a context-parallel call."""
-import math
-import numbers
-
 from ..cache import LSCache, right_padding_lengths
 from ..config import LSConfig, default_scale, half_width
-from .attention import (_check_backend, _check_int, _check_ln, _check_mask, _check_proj, _check_qkv,
+from .attention import (_check_backend, _check_eps, _check_int, _check_ln, _check_mask, _check_proj, _check_qkv,
                         _check_scale, _check_window, _describe, use_triton)
-
 
 
 def check_cache_fits(cache, q, *, window, chunk, rank):
@@ -58,8 +54,7 @@ def check_decode(q, k, v, proj, cache, *, window, chunk, ln_local, ln_global, pr
     _check_scale(scale)
     _check_backend(backend)
     use_triton(q, backend)  # raises where the kernels cannot run
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite real number > 0, got {eps!r}")
+    _check_eps(eps)
     cfg = LSConfig(window=window, causal=True, chunk=chunk, rank=rank,
                    scale=default_scale(D) if scale is None else float(scale), eps=float(eps),
                    project_after_ln=bool(project_after_ln))

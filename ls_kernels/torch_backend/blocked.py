@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..common import all_finite, layer_norm, masked_softmax, projected_visibility, zero_padded_unless_finite
+from ..common import all_finite, given_visibility, layer_norm, masked_softmax, zero_padded_unless_finite
 from ..config import LSConfig, acc_dtype, half_width
 
 _HAS_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
@@ -297,6 +297,16 @@ def global_causal(q, k_g, v_g, chunk_valid, chunk, r, scale, opts=DEFAULT, first
     return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(2))
 
 
+def _window_span(cfg, q_off, N, Nk):
+    """[lo, hi): the keys the windows of queries at key positions q_off .. q_off + N - 1 may hold, lo a whole
+    segment of w from the frame's start when bidirectional (segments stay where they are)."""
+    w = cfg.window
+    if cfg.causal:
+        return max(q_off - w + 1, 0), min(q_off + N, Nk)
+    e = half_width(w)
+    return max(q_off - e, 0) // w * w, min(((q_off + N - 1) // w + 1) * w + e, Nk)
+
+
 def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=None, ln_global=None, pad=None,
               gvis=None, opts=DEFAULT):
     """Blocked long-short attention of validated inputs, in q's dtype.
@@ -309,22 +319,22 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
     positions, query row i at key position i + query_offset and at chunk position i + chunk_offset (both
     Nk - N by default); gvis (B, NG) bool: which of the given projected vectors may be seen.
     """
-    if k.shape[2] != q.shape[2] or cfg.query_offset is not None or cfg.chunk_offset is not None:
-        return _shard_attention(q, k, v, cfg=cfg, proj=proj, kg=kg, vg=vg, ln_local=ln_local, ln_global=ln_global,
-                                pad=pad, gvis=gvis, opts=opts)
     B, H, N, D = q.shape
+    Nk = k.shape[2]
     acc = acc_dtype(q.dtype)
-    mask = torch.zeros(B, N, dtype=torch.bool, device=q.device) if pad is None else pad
+    q_off, c_off = cfg.offsets(N, Nk)
+    mask = torch.zeros(B, Nk, dtype=torch.bool, device=q.device) if pad is None else pad
+    q_pad = mask[:, q_off:q_off + N]  # the queries' own padding
     if pad is not None:  # what padded positions hold never matters (0 * NaN would)
-        q, k, v = (zero_padded_unless_finite(x, mask) for x in (q, k, v))
+        q = zero_padded_unless_finite(q, q_pad)
+        k, v = (zero_padded_unless_finite(x, mask) for x in (k, v))
     k_loc, v_loc = layer_norm(k.to(acc), ln_local, cfg.eps), layer_norm(v.to(acc), ln_local, cfg.eps)
     if proj is not None:
         k_src, v_src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
         kg, vg, seen = project(proj, k_src, v_src, mask, causal=cfg.causal, chunk=cfg.chunk, ln_global=ln_global,
                                eps=cfg.eps)
     elif kg is not None:
-        seen = gvis if gvis is not None else projected_visibility(pad, B, N, cfg.rank, causal=cfg.causal,
-                                                                  chunk=cfg.chunk, device=q.device)
+        seen = given_visibility(cfg, gvis, pad, B, Nk, kg.shape[2], q.device)
         kg, vg = (x if all_finite(x) else x.masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
     if _fused(q, opts) and not (all_finite(k_loc) and (kg is None or all_finite(kg))):
         # the fused kernel gives rows whose every score is -inf (an infinite key) lse = 0 instead of -inf
@@ -335,65 +345,20 @@ def attention(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=N
         if not cfg.causal:
             parts.append(_partial(q, kg, vg, seen[:, None, None, :], cfg.scale, opts))
         else:
-            parts.append(global_causal(q, kg, vg, seen[:, ::cfg.rank], cfg.chunk, cfg.rank, cfg.scale, opts))
-    if cfg.window > 0:
-        local = _local_causal if cfg.causal else _local_bidirectional
-        parts.append(local(q, k_loc.to(q.dtype), v_loc.to(q.dtype), mask, cfg.window, cfg.scale, opts))
-    if not parts:  # causal projection-only with no full chunk: nothing is visible (zeros, still in the graph)
-        return torch.where(torch.zeros_like(mask)[:, None, :, None], q, 0.0)
-    out = _merge(parts)
-    if pad is not None:
-        out = out.masked_fill(pad[:, None, :, None], 0.0)
-    return out.to(q.dtype)
-
-
-def _window_span(cfg, q_off, N, Nk):
-    """[lo, hi): the keys the windows of queries at key positions q_off .. q_off + N - 1 may hold, lo a whole
-    segment of w from the frame's start when bidirectional (segments stay where they are)."""
-    w = cfg.window
-    if cfg.causal:
-        return max(q_off - w + 1, 0), min(q_off + N, Nk)
-    e = half_width(w)
-    return max(q_off - e, 0) // w * w, min(((q_off + N - 1) // w + 1) * w + e, Nk)
-
-
-def _shard_attention(q, k, v, *, cfg, proj, kg, vg, ln_local, ln_global, pad, gvis, opts):
-    """``attention`` of N queries against Nk keys with cfg's offsets (keys beyond the queries, or a shard of a
-    longer sequence): the projection over every key (or the given vectors), seen by the real queries at chunk
-    positions chunk_offset ..; the window part over the keys the queries' windows may hold, against the
-    queries padded with zero rows to those keys' positions (their rows dropped); merged."""
-    B, H, N, D = q.shape
-    Nk = k.shape[2]
-    acc = acc_dtype(q.dtype)
-    q_off, c_off = cfg.offsets(N, Nk)
-    mask = torch.zeros(B, Nk, dtype=torch.bool, device=q.device) if pad is None else pad
-    q, k, v = (zero_padded_unless_finite(x, m) for x, m in ((q, mask[:, q_off:q_off + N]), (k, mask), (v, mask)))
-    k_loc, v_loc = layer_norm(k.to(acc), ln_local, cfg.eps), layer_norm(v.to(acc), ln_local, cfg.eps)
-    if proj is not None:
-        k_src, v_src = (k_loc, v_loc) if cfg.project_after_ln else (k.to(acc), v.to(acc))
-        kg, vg, seen = project(proj, k_src, v_src, mask, causal=cfg.causal, chunk=cfg.chunk, ln_global=ln_global,
-                               eps=cfg.eps)
-    elif kg is not None:
-        seen = torch.ones(B, kg.shape[2], dtype=torch.bool, device=q.device) if gvis is None else gvis
-    if _fused(q, opts) and not (all_finite(k_loc) and (kg is None or all_finite(kg))):
-        opts = replace(opts, fused_cpu=False)  # as attention: rows of -inf scores need the exact path
-    parts = []
-    if kg is not None and kg.shape[2] > 0:
-        kg, vg = (x.to(q.dtype).masked_fill(~seen[:, None, :, None], 0.0) for x in (kg, vg))
-        if cfg.causal:
             parts.append(global_causal(q, kg, vg, seen[:, ::cfg.rank], cfg.chunk, cfg.rank, cfg.scale, opts,
                                        first=c_off))
-        else:
-            parts.append(_partial(q, kg, vg, seen[:, None, None, :], cfg.scale, opts))
-    if cfg.window > 0:
+    if cfg.window > 0:  # over the keys the queries' windows may hold, the queries padded with zero rows across them
         lo, hi = _window_span(cfg, q_off, N, Nk)
-        before, after = q_off - lo, hi - lo - (q_off - lo) - N
-        q_all = torch.cat([q.new_zeros(B, H, before, D), q, q.new_zeros(B, H, after, D)], dim=2)
+        before, after = q_off - lo, hi - q_off - N
+        q_win = q if before == after == 0 else torch.cat([q.new_zeros(B, H, before, D), q,
+                                                          q.new_zeros(B, H, after, D)], dim=2)
         local = _local_causal if cfg.causal else _local_bidirectional
-        lse, o = local(q_all, k_loc[:, :, lo:hi].to(q.dtype), v_loc[:, :, lo:hi].to(q.dtype), mask[:, lo:hi],
+        lse, o = local(q_win, k_loc[:, :, lo:hi].to(q.dtype), v_loc[:, :, lo:hi].to(q.dtype), mask[:, lo:hi],
                        cfg.window, cfg.scale, opts)
         parts.append((lse[:, :, before:before + N], o[:, :, before:before + N]))
-    if not parts:  # nothing visible to any query (zeros, still in the autograd graph)
-        return torch.where(torch.zeros_like(mask[:, q_off:q_off + N])[:, None, :, None], q, 0.0)
+    if not parts:  # causal projection-only with no full chunk: nothing is visible (zeros, still in the graph)
+        return torch.where(torch.zeros_like(q_pad)[:, None, :, None], q, 0.0)
     out = _merge(parts)
-    return out.masked_fill(mask[:, None, q_off:q_off + N, None], 0.0).to(q.dtype)
+    if pad is not None:
+        out = out.masked_fill(q_pad[:, None, :, None], 0.0)
+    return out.to(q.dtype)

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+from ..common import given_visibility
 from ..config import HALF_DTYPES, INTERPRET, LSConfig
 from .args import (absent, bhn_strides, block_d, block_g, gvis_int8, kernel_dtype, ln_params, make_scalars,
                    pad_int8)
@@ -113,11 +114,10 @@ def _given(kg, vg, acc, like):
 
 
 def _shard_visibility(cfg, gvis, kg, pad, B, Nk, device):
-    """(gvis, pad) as the kernels read them. A shard of a longer sequence (cfg offsets) cannot tell from its
-    padding which of the given projected vectors may be seen: all of them unless gvis says otherwise. The
-    kernels read GVIS only with a mask: a mask of no padding where there is none."""
+    """(gvis, pad) as the kernels read them: the given vectors' visibility as common.given_visibility rules it
+    for a shard (cfg offsets); the kernels read GVIS only with a mask: a mask of no padding where there is none."""
     if gvis is None and kg is not None and (cfg.query_offset is not None or cfg.chunk_offset is not None):
-        gvis = torch.ones(B, kg.shape[2], dtype=torch.bool, device=device)
+        gvis = given_visibility(cfg, None, pad, B, Nk, kg.shape[2], device)
     if gvis is not None and pad is None:
         pad = torch.zeros(B, Nk, dtype=torch.bool, device=device)
     return gvis, pad

@@ -32,7 +32,7 @@ class Projected(NamedTuple):
     col_lse: torch.Tensor
 
 
-def proj_config(D, r, seg_len):
+def proj_config(D, r):
     """(BLOCK_N, BLOCK_R) of the pre-pass, chosen by ahead-of-time compilation (bench/aot_report.py): 16
     positions per step (the LN_L pre-pass of the rows runs in the same loop; 32 spill on sm_90a at fp16, D 64)
     and up to 64 rank columns at D <= 64, so that r = 64 takes one program per segment (each rank block
@@ -78,7 +78,7 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
     acc = scalars.dtype
     device = k.device
     BLOCK_D = block_d(D)
-    BLOCK_N, BLOCK_R = proj_config(D, r, chunk if causal else N)
+    BLOCK_N, BLOCK_R = proj_config(D, r)
     n_rblk = triton.cdiv(r, BLOCK_R)
     if causal:
         n_groups = N // chunk
