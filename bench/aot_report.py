@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("aot_report.py compiles kernels: run it without TRITON_INTERPRET=1")
 
+from ls_kernels.config import HALF_DTYPES  # noqa: E402
 from ls_kernels.triton_backend import launch  # noqa: E402
 from ls_kernels.triton_backend import decode as dec  # noqa: E402
 from ls_kernels.triton_backend import projection as prj  # noqa: E402
@@ -43,6 +44,13 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 def _acc(dtype):
     return "fp64" if dtype == torch.float64 else "fp32"
+
+
+def _split_types(dtype, acc):
+    """Pointer types of the projection backward's dKraw, dVraw (RawGrads): a high and a low part in fp16/bf16,
+    else the accumulation dtype."""
+    part = TL_TYPES[dtype] if dtype in HALF_DTYPES else acc
+    return {name: part for name in ("DK_HI", "DK_LO", "DV_HI", "DV_LO")}
 
 
 def kernel_specs(dtype, D, pad=True):
@@ -78,9 +86,13 @@ def kernel_specs(dtype, D, pad=True):
 
         bm, bn, w, st = bwd["dkv"]
         types = {"Q": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "DO": t, "LSE": acc,
-                 "DELTA": acc, "DK_SRC": acc, "DV_SRC": acc, "DK": t, "DV": t, "KN": t, "VN": t, "LN_STATS": acc,
-                 "DLNW_PART": acc, "DLNB_PART": acc}
-        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, HAS_LN=True, BLOCK_M=bm, BLOCK_N=bn)
+                 "DELTA": acc, "DK_SRC": t, "DV_SRC": t, "DK": t, "DV": t, "KN": t, "VN": t, "LN_STATS": acc,
+                 "DLNW_PART": acc, "DLNB_PART": acc, "PROJ": t, "COL_LSE": acc, "COL_DOT": acc, "DPROJ": t,
+                 **_split_types(dtype, acc)}
+        # the projection backward inside where it runs there (its tiles at r = 32), else its gradients read
+        _, br, _, precision = prj.proj_bwd_config(D, r=32, seg_len=4096, dtype=dtype)
+        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, PROJ_BWD=prj.runs_in_kernel(causal, D), HAS_LN=True,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, PROJ_PRECISION=precision, SPLIT=dtype in HALF_DTYPES)
         specs.append((f"_ls_bwd_dkv_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_kernel, types, const, w, st))
 
         bm, bn, w, st = bwd["dkv_global"]
@@ -89,8 +101,9 @@ def kernel_specs(dtype, D, pad=True):
         const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
     types = {"DKG_PART": acc, "DVG_PART": acc, "KRAW": acc, "VRAW": acc, "LNW": acc, "SCALARS": acc, "DK_RAW": acc,
-             "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc}
-    const = dict(HEAD_DIM=D, HAS_LN=True, HAS_COL_DOT=True, BLOCK_G=launch.COMBINE_ROWS, BLOCK_D=BLOCK_D)
+             "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc, **_split_types(dtype, acc)}
+    const = dict(HEAD_DIM=D, HAS_LN=True, HAS_COL_DOT=True, SPLIT=dtype in HALF_DTYPES, BLOCK_G=launch.COMBINE_ROWS,
+                 BLOCK_D=BLOCK_D)
     specs.append(("_ls_bwd_dkv_global_combine_kernel", bwd_kernels._ls_bwd_dkv_global_combine_kernel, types, const,
                   4, 1))
 
@@ -109,10 +122,11 @@ def kernel_specs(dtype, D, pad=True):
     specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types,
                   dict(flags, BLOCK_R=prj.COMBINE_BLOCK_R), 4, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
-             "DK_RAW": acc, "DV_RAW": acc, "COL_DOT": acc, "DP": t, "DK_SRC": acc, "DV_SRC": acc}
+             "COL_DOT": acc, "DP": t, "DK_SRC": t, "DV_SRC": t, **_split_types(dtype, acc)}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments
         bn, br, w, precision = prj.proj_bwd_config(D, r=32, seg_len=seg_len, dtype=dtype)
-        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=precision, BLOCK_N=bn, BLOCK_R=br)
+        const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=precision, SPLIT=dtype in HALF_DTYPES, BLOCK_N=bn,
+                     BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
     types = {"Q": t, "KN": t, "VN": t, "WK": t, "WV": t, "KG": t, "VG": t, "LENGTHS": "i64", "REAL": "i8",
              "SCALARS": acc, "O_PART": acc, "LSE_PART": acc}

@@ -203,24 +203,39 @@ def runs(pc):
     add("_ls_bwd_dkv_global_combine_kernel", "backward", dict(BLOCK_G=CBG), ["splits"],
         np.full((_cdiv(NG, CBG), 1), n_split), [CBG * 2 * acc_row], CBG * (4 * acc_row + ACC_BYTES), [0],
         BH * NG * (n_split * 2 * acc_row + 4 * acc_row + ACC_BYTES))
-    bseg = pc.chunk if pc.causal else N
-    RBN, RBR, _, _ = projection.proj_bwd_config(D, r, bseg, dtype)
-    b_seg_len, b_n_seg = (pc.chunk, N // pc.chunk) if pc.causal else projection._bidirectional_segments(N, BH)
-    outer = np.array([_cdiv(min(b_seg_len, N - s * b_seg_len), RBN) for s in range(b_n_seg)])
-    iters = np.stack([outer, outer * _cdiv(r, RBR)], axis=1)
-    add("_proj_bwd_kernel", "backward", dict(BLOCK_N=RBN, BLOCK_R=RBR), ["positions", "rank columns"], iters,
-        [RBN * 4 * row, RBN * RBR * 2 * es + RBR * (2 * acc_row + 2 * ACC_BYTES)], 0,
-        [0, 2 * 2 * RBN * RBR * block_d(D) * SPLIT_DOTS + 2 * 2 * RBN * RBR * block_d(D)],
-        BH * N * (4 * row + 2 * r * es) + BH * NG * (2 * acc_row + 2 * ACC_BYTES),
-        seg=b_seg_len)
     t = tiles["dkv"]
     iters = _dkv_iters(cfg, N, t.block_m, t.block_n)
-    add(f"_ls_bwd_dkv_kernel[{mode}]", "backward", dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n),
-        ["edge", "interior", "edge"], iters, [t.block_m * (2 * row + 2 * ACC_BYTES)] * 3,
-        t.block_n * (10 * row + 4 * ACC_BYTES) + 2 * acc_row, [8 * t.block_m * t.block_n * block_d(D)] * 3,
-        # q, dO, logsumexp and delta; k, v (read twice, the second time from L2) and their LN_L statistics;
-        # LN_L(k), LN_L(v) written; the projection's gradients; dk, dv
-        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 4 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv + 2 * qkv)
+    loops, loop_bytes, loop_flops = ["edge", "interior", "edge"], [t.block_m * (2 * row + 2 * ACC_BYTES)] * 3, \
+        [8 * t.block_m * t.block_n * block_d(D)] * 3
+    # q, dO, logsumexp and delta; k, v (read twice, the second time from L2) and their LN_L statistics;
+    # LN_L(k), LN_L(v) written; dk, dv
+    dkv_dram = 2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 4 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv
+    dkv_program = t.block_n * (10 * row + 4 * ACC_BYTES) + 2 * acc_row
+    # dKraw, dVraw (a high and a low part in the inputs' dtype), logsumexp, col_dot of one rank column
+    proj_rank_bytes = 4 * row + 2 * ACC_BYTES
+    if not projection.runs_in_kernel(pc.causal, D):  # the projection backward's own kernel; dK/dV reads its gradients
+        bseg = pc.chunk if pc.causal else N
+        RBN, RBR, _, _ = projection.proj_bwd_config(D, r, bseg, dtype)
+        b_seg_len, b_n_seg = (pc.chunk, N // pc.chunk) if pc.causal else projection._bidirectional_segments(N, BH)
+        outer = np.array([_cdiv(min(b_seg_len, N - s * b_seg_len), RBN) for s in range(b_n_seg)])
+        add("_proj_bwd_kernel", "backward", dict(BLOCK_N=RBN, BLOCK_R=RBR), ["positions", "rank columns"],
+            np.stack([outer, outer * _cdiv(r, RBR)], axis=1),
+            [RBN * 4 * row, RBN * RBR * 2 * es + RBR * proj_rank_bytes], 0,
+            [0, 2 * 2 * RBN * RBR * block_d(D) * SPLIT_DOTS + 2 * 2 * RBN * RBR * block_d(D)],
+            BH * N * (4 * row + 2 * r * es) + BH * NG * proj_rank_bytes, seg=b_seg_len)
+        dkv_dram += 2 * qkv
+        dkv_program += t.block_n * 2 * row
+        const = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+    else:  # the projection backward at each key block's rows: proj read, dproj written
+        _, RBR, _, _ = projection.proj_bwd_config(D, r, N, dtype)
+        iters = np.concatenate([iters, np.full((len(iters), 1), _cdiv(r, RBR))], axis=1)
+        loops = loops + ["rank columns"]
+        loop_bytes = loop_bytes + [t.block_n * RBR * 2 * es + RBR * proj_rank_bytes]
+        loop_flops = loop_flops + [2 * 2 * t.block_n * RBR * block_d(D) * SPLIT_DOTS
+                                   + 2 * 2 * t.block_n * RBR * block_d(D)]
+        dkv_dram += 2 * BH * N * r * es + BH * NG * proj_rank_bytes
+        const = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_R=RBR)
+    add(f"_ls_bwd_dkv_kernel[{mode}]", "backward", const, loops, iters, loop_bytes, dkv_program, loop_flops, dkv_dram)
     t = tiles["dq"]
     DBG = block_g(NG, t.block_n)
     iters = _attention_iters(cfg, N, NG, t.block_m, t.block_n, DBG)

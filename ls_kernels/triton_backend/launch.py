@@ -18,7 +18,8 @@ from .kernels.backward import (_ls_bwd_delta_kernel, _ls_bwd_dkv_global_combine_
                                _ls_bwd_dkv_kernel, _ls_bwd_dq_kernel)
 from .kernels.forward import _ls_fwd_kernel
 from .kernels.prepass import _ln_local_kernel
-from .projection import Projected, projection_backward, projection_forward
+from .projection import (InKernelBackward, Projected, RawGrads, in_kernel_args, in_kernel_backward,
+                         projection_backward, projection_forward, runs_in_kernel)
 
 # in the interpreter every tile step costs milliseconds: small tiles there, the GPU's elsewhere
 GPU_TILES = not INTERPRET
@@ -257,13 +258,23 @@ def _dq(q, kw, vw, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, of
     return dq
 
 
+class GlobalGrads(NamedTuple):
+    """_dkv_global's results: dk_raw, dv_raw (B, H, NG, D), the gradients of the projected vectors before LN_G
+    (of kg, vg themselves without it) in the accumulation dtype; raw, the same as the projection backward reads
+    them (RawGrads, when the projection ran here, else None); the LN_G weight and bias gradients (or None)."""
+    dk_raw: torch.Tensor
+    dv_raw: torch.Tensor
+    raw: Optional[RawGrads]
+    ln_weight: Optional[torch.Tensor]
+    ln_bias: Optional[torch.Tensor]
+
+
 def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, ln_global, tiles):
     """Gradients of the projected vectors before LN_G (of kg, vg themselves without it), (B, H, NG, D) in the
     accumulation dtype: per-split partials of _ls_bwd_dkv_global_kernel (each split holds at most split_len
     queries, counted from the first query that sees the block of vectors, so that programs are even), summed
     in a fixed order (deterministic) by _ls_bwd_dkv_global_combine_kernel with the LN_G backward. Returns
-    (dk_raw, dv_raw, col_dot (B, H, NG): k_raw . dk_raw + v_raw . dv_raw when the projection ran here,
-    dln_global weight, bias)."""
+    GlobalGrads."""
     B, H, N, D = q.shape
     NG = projected.kg.shape[2]
     acc = scalars.dtype
@@ -287,30 +298,35 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, of
     dk_raw = torch.empty(B, H, NG, D, dtype=acc, device=q.device)
     dv_raw = torch.empty_like(dk_raw)
     col_dot = torch.empty(B, H, NG, dtype=acc, device=q.device) if has_col_dot else absent(q.device)
+    split = has_col_dot and q.dtype in HALF_DTYPES  # the projection backward's dots read a high and a low part
+    hi_lo = [torch.empty(B, H, NG, D, dtype=q.dtype, device=q.device) for _ in range(4)] if split \
+        else [dk_raw, dk_raw, dv_raw, dv_raw]
+    raw = RawGrads(*hi_lo, col_dot=col_dot, split=split) if has_col_dot else None
     n_rows = triton.cdiv(NG, COMBINE_ROWS)
     dlnw_part = torch.empty(B, H, n_rows, D, dtype=acc, device=q.device) if ln_global is not None else None
     dlnb_part = torch.empty_like(dlnw_part) if ln_global is not None else None
     _ls_bwd_dkv_global_combine_kernel[(n_rows, B * H)](
         dkg_part, dvg_part, projected.k_raw if has_col_dot else absent(q.device),
-        projected.v_raw if has_col_dot else absent(q.device), lnw, scalars, dk_raw, dv_raw, col_dot,
+        projected.v_raw if has_col_dot else absent(q.device), lnw, scalars, dk_raw, dv_raw, *hi_lo, col_dot,
         dlnw_part if dlnw_part is not None else absent(q.device),
         dlnb_part if dlnb_part is not None else absent(q.device),
         n_split, NG, stride_lnh, H,
-        HEAD_DIM=D, HAS_LN=ln_global is not None, HAS_COL_DOT=has_col_dot, BLOCK_G=COMBINE_ROWS, BLOCK_D=block_d(D),
+        HEAD_DIM=D, HAS_LN=ln_global is not None, HAS_COL_DOT=has_col_dot, SPLIT=split, BLOCK_G=COMBINE_ROWS,
+        BLOCK_D=block_d(D),
         num_warps=4,
     )
     if ln_global is None:
-        return dk_raw, dv_raw, col_dot, None, None
+        return GlobalGrads(dk_raw, dv_raw, raw, None, None)
     dims = (0, 2) if ln_global[0].dim() == 2 else (0, 1, 2)
-    return dk_raw, dv_raw, col_dot, dlnw_part.sum(dims), dlnb_part.sum(dims)
+    return GlobalGrads(dk_raw, dv_raw, raw, dlnw_part.sum(dims), dlnb_part.sum(dims))
 
 
 def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, offsets, ln_local, ln_stats, scalars, dk_src, dv_src,
-         src_mode, src_len, tiles):
+         src_mode, src_len, tiles, proj_bwd: Optional[InKernelBackward] = None):
     """Window dK, dV (k's dtype) by _ls_bwd_dkv_kernel, with the LN_L backward and the projection's gradients
-    dk_src, dv_src (below src_len) added (src_mode). Returns dk, dv, the window keys and values as the forward
-    read them (LN_L(k), LN_L(v) written by the kernel, or k, v) and the per-block LN_L weight and bias gradient
-    partials (B, H, n_kblk, D)."""
+    of what it read added (src_mode): dk_src, dv_src (below src_len), or computed in the kernel (proj_bwd, whose
+    dproj it writes). Returns dk, dv, the window keys and values as the forward read them (LN_L(k), LN_L(v)
+    written by the kernel, or k, v) and the per-block LN_L weight and bias gradient partials (B, H, n_kblk, D)."""
     B, H, N, D = q.shape
     Nk = k.shape[2]
     acc = scalars.dtype
@@ -322,14 +338,16 @@ def _dkv(q, k, v, do, lse, delta, *, cfg, pad8, stride_pad, offsets, ln_local, l
     kn, vn = (torch.empty_like(dk), torch.empty_like(dk)) if writes_ln else (k, v)
     dlnw_part = torch.empty(B, H, n_kblk, D, dtype=acc, device=q.device)
     dlnb_part = torch.empty_like(dlnw_part)
+    none = absent(q.device)
+    proj_ptrs, proj_strides, rank, proj_flags = in_kernel_args(proj_bwd, q.device)
     _ls_bwd_dkv_kernel[(n_kblk, H, B)](
-        q, k, v, pad8 if pad8 is not None else absent(q.device), lnw, lnb, scalars, do, lse, delta,
-        dk_src if dk_src is not None else absent(q.device), dv_src if dv_src is not None else absent(q.device),
-        dk, dv, kn, vn, ln_stats if ln_stats is not None else absent(q.device), dlnw_part, dlnb_part,
-        *bhn_strides(q, k, v, do), stride_pad, stride_lnh,
-        H, N, Nk, offsets[0], cfg.window, cfg.half_width, src_len,
+        q, k, v, pad8 if pad8 is not None else none, lnw, lnb, scalars, do, lse, delta,
+        dk_src if dk_src is not None else none, dv_src if dv_src is not None else none,
+        dk, dv, kn, vn, ln_stats if ln_stats is not None else none, dlnw_part, dlnb_part, *proj_ptrs,
+        *bhn_strides(q, k, v, do), *proj_strides, stride_pad, stride_lnh,
+        H, N, Nk, offsets[0], cfg.window, cfg.half_width, src_len, rank,
         HAS_LOCAL=cfg.window > 0, SRC_MODE=src_mode, HAS_PAD=pad8 is not None, HAS_LN=ln_stats is not None,
-        BLOCK_N=tiles.block_n, **_common(q, cfg, tiles),
+        BLOCK_N=tiles.block_n, **proj_flags, **_common(q, cfg, tiles),
     )
     return dk, dv, kn, vn, dlnw_part, dlnb_part
 
@@ -361,27 +379,30 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, 
     where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, offsets=offsets, scalars=scalars)
 
     grads = {}
-    dk_src = dv_src = None
+    dk_src = dv_src = proj_bwd = None
     src_len = 0
     if NG > 0:
-        dk_raw, dv_raw, col_dot, dlng_w, dlng_b = _dkv_global(
-            q, do, lse, delta, projected=projected, gvis=gvis, ln_global=ln_global if proj is not None else None,
-            tiles=tiles["dkv_global"], **where)
+        glob = _dkv_global(q, do, lse, delta, projected=projected, gvis=gvis,
+                           ln_global=ln_global if proj is not None else None, tiles=tiles["dkv_global"], **where)
         if proj is None:
-            grads.update(kg=dk_raw, vg=dv_raw)
-        else:
-            grads.update(ln_global_weight=dlng_w, ln_global_bias=dlng_b)
+            grads.update(kg=glob.dk_raw, vg=glob.dv_raw)
+        elif not runs_in_kernel(cfg.causal, D):  # the projection backward's own kernel
+            grads.update(ln_global_weight=glob.ln_weight, ln_global_bias=glob.ln_bias)
             grads["proj"], dk_src, dv_src, src_len = projection_backward(
                 proj=_kernel_proj(proj, acc), k=k, v=v, pad8=pad8, stride_pad=stride_pad,
                 ln_src=ln_local if cfg.project_after_ln else None, causal=cfg.causal, chunk=cfg.chunk,
-                scalars=scalars, projected=projected, dk_raw=dk_raw, dv_raw=dv_raw, col_dot=col_dot)
+                scalars=scalars, projected=projected, raw=glob.raw)
+        else:  # the dK/dV kernel runs the projection backward at its rows
+            grads.update(ln_global_weight=glob.ln_weight, ln_global_bias=glob.ln_bias)
+            proj_bwd = in_kernel_backward(proj=_kernel_proj(proj, acc), k=k, projected=projected, raw=glob.raw)
+            grads["proj"], src_len = proj_bwd.dproj, Nk
     elif proj is not None:  # causal, no full chunk: proj is never used
         grads["proj"] = torch.zeros_like(proj)
 
-    src_mode = SRC_NONE if dk_src is None else (SRC_AFTER_LN if cfg.project_after_ln else SRC_BEFORE_LN)
+    src_mode = SRC_NONE if src_len == 0 else (SRC_AFTER_LN if cfg.project_after_ln else SRC_BEFORE_LN)
     dk, dv, kw, vw, dlnw_part, dlnb_part = _dkv(q, k, v, do, lse, delta, ln_local=ln_local, ln_stats=ln_stats,
                                                 dk_src=dk_src, dv_src=dv_src, src_mode=src_mode, src_len=src_len,
-                                                tiles=tiles["dkv"], **where)
+                                                tiles=tiles["dkv"], proj_bwd=proj_bwd, **where)
     if ln_stats is not None:
         dims = (0, 2) if ln_local[0].dim() == 2 else (0, 1, 2)
         grads.update(ln_local_weight=dlnw_part.sum(dims), ln_local_bias=dlnb_part.sum(dims))

@@ -37,8 +37,13 @@ def proj_config(D, r):
     positions per step (the LN_L pre-pass of the rows runs in the same loop; 32 spill on sm_90a at fp16, D 64)
     and up to 64 rank columns at D <= 64, so that r = 64 takes one program per segment (each rank block
     normalises the rows again), zero spills on sm_80 and sm_90a."""
-    BLOCK_R = max(16, min(64 if D <= 64 else 16, next_pow2(r)))
+    BLOCK_R = max(_MIN_BLOCK_R, min(64 if D <= 64 else 16, next_pow2(r)))
     return 16, BLOCK_R
+
+
+_MIN_BLOCK_R = 16  # tl.dot's smallest dimension
+# the largest head dim at which the dK/dV kernel runs the bidirectional projection backward (runs_in_kernel)
+_IN_KERNEL_MAX_DIM = 64
 
 
 def proj_bwd_config(D, r, seg_len, dtype):
@@ -52,6 +57,57 @@ def proj_bwd_config(D, r, seg_len, dtype):
                 PRECISION
         return 64, 16, 8, PRECISION
     return 16, 16, 8, (PRECISION if D <= 64 else "ieee")
+
+
+class RawGrads(NamedTuple):
+    """Gradients of P^T k_P and P^T v_P (B, H, NG, D) as the projection backward reads them
+    (kernels/projection._proj_rows_bwd): with fp16/bf16 inputs (split) a high part in their dtype and the rounded
+    rest (lo); else in the accumulation dtype (lo: the same tensor, unread); col_dot (B, H, NG):
+    Kraw . dKraw + Vraw . dVraw per projected vector."""
+    k_hi: torch.Tensor
+    k_lo: torch.Tensor
+    v_hi: torch.Tensor
+    v_lo: torch.Tensor
+    col_dot: torch.Tensor
+    split: bool
+
+
+class InKernelBackward(NamedTuple):
+    """The projection's backward run inside the dK/dV kernel (one group of r vectors over every position: the
+    bidirectional projection), at each key block's rows: what it reads, dproj (B, H, N, r) it writes, its rank
+    block and the precision of its fp32 dots (as proj_bwd_config's)."""
+    proj: torch.Tensor
+    col_lse: torch.Tensor
+    raw: RawGrads
+    dproj: torch.Tensor
+    block_r: int
+    precision: str
+
+
+def runs_in_kernel(causal, D):
+    """Whether the dK/dV kernel runs the projection backward: one group (bidirectional), at head dims whose
+    fused kernel compiles without spills on sm_80 and sm_90a (bench/aot_report.py); else its own kernel."""
+    return not causal and D <= _IN_KERNEL_MAX_DIM
+
+
+def in_kernel_backward(*, proj, k, projected, raw):
+    """InKernelBackward of a bidirectional projection (inputs as projection_backward's), dproj allocated."""
+    _, block_r, _, precision = proj_bwd_config(k.shape[-1], proj.shape[-1], k.shape[2], k.dtype)
+    return InKernelBackward(proj=proj, col_lse=projected.col_lse, raw=raw,
+                            dproj=torch.empty(proj.shape, dtype=proj.dtype, device=proj.device), block_r=block_r,
+                            precision=precision)
+
+
+def in_kernel_args(pb, device):
+    """(pointers PROJ, COL_LSE, COL_DOT, DK_HI, DK_LO, DV_HI, DV_LO, DPROJ; proj's (B, H, N) strides; its rank;
+    constexprs) of _ls_bwd_dkv_kernel for InKernelBackward pb, or stand-ins when pb is None (PROJ_BWD off)."""
+    if pb is None:
+        return [absent(device)] * 8, [0, 0, 0], 1, dict(PROJ_BWD=False, PROJ_PRECISION=PRECISION, SPLIT=False,
+                                                         BLOCK_R=_MIN_BLOCK_R)
+    raw = pb.raw
+    return ([pb.proj, pb.col_lse, raw.col_dot, raw.k_hi, raw.k_lo, raw.v_hi, raw.v_lo, pb.dproj],
+            list(pb.proj.stride()[:3]), pb.proj.shape[-1],
+            dict(PROJ_BWD=True, PROJ_PRECISION=pb.precision, SPLIT=raw.split, BLOCK_R=pb.block_r))
 
 
 def _bidirectional_segments(N, programs_per_segment):
@@ -130,12 +186,10 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
     return Projected(kg, vg, k_raw, v_raw, col_lse)
 
 
-def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, scalars, projected, dk_raw, dv_raw,
-                        col_dot):
+def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, scalars, projected, raw):
     """Gradients of proj and of what the projection read (k_P, v_P), from dL/dKraw and dL/dVraw.
 
-    Inputs as projection_forward; projected: its Projected with NG > 0; dk_raw, dv_raw: (B, H, NG, D), contiguous;
-    col_dot (B, H, NG): k_raw . dk_raw + v_raw . dv_raw per projected vector.
+    Inputs as projection_forward; projected: its Projected with NG > 0; raw: RawGrads.
     Returns dproj (B, H, N, r) in proj's dtype, dk_src, dv_src (B, H, N, D) in k's dtype, written
     only at positions below src_len (causal: the last full chunk's end; past it they are zero and never read),
     and src_len.
@@ -155,7 +209,7 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
     lnl_w, lnl_b, lnl_stride = ln_params(ln_src, H, D, acc, k.device)
     _proj_bwd_kernel[(n_seg, B * H)](
         proj, k, v, pad8 if pad8 is not None else absent(k.device), lnl_w, lnl_b, scalars, col_lse,
-        dk_raw, dv_raw, col_dot,
+        raw.k_hi, raw.k_lo, raw.v_hi, raw.v_lo, raw.col_dot,
         dproj, dk_src, dv_src,
         proj.stride(0), proj.stride(1), proj.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -163,6 +217,7 @@ def projection_backward(*, proj, k, v, pad8, stride_pad, ln_src, causal, chunk, 
         stride_pad, lnl_stride,
         N, H, r, seg_len, NG, 1 if causal else 0,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_LN=ln_src is not None, IS_FP64=acc == torch.float64,
-        PRECISION=precision, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D), num_warps=num_warps,
+        PRECISION=precision, SPLIT=raw.split, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_D=block_d(D),
+        num_warps=num_warps,
     )
     return dproj, dk_src, dv_src, src_len

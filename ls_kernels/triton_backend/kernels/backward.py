@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .common import (_affine_rows, _batch_head, _dot, _exp, _layer_norm_rows_bwd, _load_ln, _load_ln_stats,
                      _load_rows, _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _tile)
+from .projection import _proj_rows_bwd
 from .visibility import _query_bounds, _tile_split, _visit_keys
 
 
@@ -101,6 +102,27 @@ def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_b
 
 
 @triton.jit
+def _add_projection_grads(dk, dv, k_p, v_p, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b, off_h, stride_pb,
+                          stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT, DPROJ, DK_SRC, DV_SRC,
+                          offs_d, mask_d, zero, H, RANK, SRC_LEN, PROJ_BWD: tl.constexpr, IS_FP64: tl.constexpr,
+                          PROJ_PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+                          HEAD_DIM: tl.constexpr):
+    """dk, dv [BLOCK_N, BLOCK_D] of a key block plus the projection's gradients of the rows k_p, v_p it read:
+    computed here (PROJ_BWD: one group over every position, dproj stored at rows `row`) or read from DK_SRC,
+    DV_SRC at `out` (below SRC_LEN)."""
+    if PROJ_BWD:
+        p_rows = PROJ + off_b * stride_pb + off_h * stride_ph + offs_n.to(tl.int64)[:, None] * stride_pn
+        dk, dv = _proj_rows_bwd(dk, dv, k_p, v_p, key_ok, mask_n, p_rows, (off_b * H + off_h) * RANK, COL_LSE,
+                                DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT, DPROJ, row, offs_d, mask_d, zero, RANK, IS_FP64,
+                                PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
+    else:
+        src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]
+        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
+        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
+    return dk, dv
+
+
+@triton.jit
 def _ls_bwd_dkv_kernel(
     Q,  # [B, H, N, HEAD_DIM], unit last stride
     K, V,  # [B, H, NK, HEAD_DIM], unit last stride
@@ -114,20 +136,29 @@ def _ls_bwd_dkv_kernel(
     KN, VN,  # [B, H, NK, HEAD_DIM] contiguous, q's dtype: LN_L(k), LN_L(v) for the dQ kernel (HAS_LN)
     LN_STATS,  # [4, B, H, NK] contiguous, accumulation dtype: the forward's _ln_local_kernel row statistics
     DLNW_PART, DLNB_PART,  # [B, H, n_key_blocks, HEAD_DIM]: LN_L weight and bias gradients per key block
+    PROJ,  # [B, H, NK, RANK] logits, unit last stride (PROJ_BWD)
+    COL_LSE, COL_DOT,  # [B, H, RANK] contiguous: as _proj_rows_bwd's (PROJ_BWD)
+    DK_HI, DK_LO, DV_HI, DV_LO,  # [B, H, RANK, HEAD_DIM] contiguous: as _proj_rows_bwd's (PROJ_BWD)
+    DPROJ,  # [B, H, NK, RANK] contiguous: the logits' gradient (PROJ_BWD)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
+    stride_pb, stride_ph, stride_pn,
     stride_padb, stride_lnh,
-    H, N, NK, Q_OFF, WINDOW, HALF, SRC_LEN,
+    H, N, NK, Q_OFF, WINDOW, HALF, SRC_LEN, RANK,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_LOCAL: tl.constexpr, SRC_MODE: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PROJ_BWD: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, PROJ_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of a block of window keys: visits exactly the query tiles whose windows hold a key of the block
     (no atomics), runs the LN_L backward in registers and writes per-block LN_L weight and bias sums. The
     projection's gradients of what it read (positions below SRC_LEN) are added before the LN_L backward when
-    it read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2)."""
+    it read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2): read from DK_SRC,
+    DV_SRC, or with PROJ_BWD (one group of RANK projected vectors over all NK positions: bidirectional)
+    computed here, the projection's backward at the block's rows (dproj stored) in BLOCK_R rank columns at a
+    time."""
     pid_n, off_h, off_b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n, mask_n = _tile(start_n, BLOCK_N, NK)
@@ -185,10 +216,11 @@ def _ls_bwd_dkv_kernel(
         dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past NK have no gradient
         dv = tl.where(key_ok[:, None], dv, 0.0)
 
-    src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]
-    if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) through the projection
-        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
-        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
+    if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) (as above) through the projection
+        dk, dv = _add_projection_grads(dk, dv, k, v, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b, off_h,
+                                       stride_pb, stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT,
+                                       DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN, PROJ_BWD,
+                                       IS_FP64, PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
     if HAS_LN:  # x_hat reloaded rather than held in registers through the loop
         k_hat = (_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) - k_mean[:, None]) * k_rstd[:, None]
         v_hat = (_load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d) - v_mean[:, None]) * v_rstd[:, None]
@@ -198,8 +230,12 @@ def _ls_bwd_dkv_kernel(
         dk = _layer_norm_rows_bwd(dk * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
         dv = _layer_norm_rows_bwd(dv * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
     if SRC_MODE == 2:  # gradients of raw k, v through the projection
-        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
-        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
+        k_raw = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)
+        v_raw = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
+        dk, dv = _add_projection_grads(dk, dv, k_raw, v_raw, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b,
+                                       off_h, stride_pb, stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO,
+                                       COL_DOT, DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN,
+                                       PROJ_BWD, IS_FP64, PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
@@ -286,14 +322,17 @@ def _ls_bwd_dkv_global_combine_kernel(
     LNW,  # [H or 1, HEAD_DIM]: LN_G weight
     SCALARS,  # [4]: _load_scalars
     DK_RAW, DV_RAW,  # [B, H, NG, HEAD_DIM] contiguous: gradients before LN_G (of kg, vg themselves without it)
+    DK_HI, DK_LO, DV_HI, DV_LO,  # [B, H, NG, HEAD_DIM] contiguous, the inputs' dtype: DK_RAW split (SPLIT)
     COL_DOT,  # [B, H, NG]: Kraw . dKraw + Vraw . dVraw per vector (HAS_COL_DOT)
     DLNW_PART, DLNB_PART,  # [B, H, n_g_blocks, HEAD_DIM]: LN_G weight and bias gradients per block of vectors
     N_SPLIT, NG, stride_lnh, H,
-    HEAD_DIM: tl.constexpr, HAS_LN: tl.constexpr, HAS_COL_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LN: tl.constexpr, HAS_COL_DOT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The splits' partial dKg, dVg of a block of projected vectors summed in a fixed order, then the LN_G
-    backward, the per-vector dot the projection backward needs, and per-block LN_G parameter gradients."""
+    backward, the per-vector dot the projection backward needs, and per-block LN_G parameter gradients. SPLIT
+    (fp16/bf16 inputs): the gradients also stored as a high part rounded to the inputs' dtype and the rounded
+    rest, as the projection backward's dots read them (_proj_rows_bwd)."""
     pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     offs_g, mask_g = _tile(pid_g * BLOCK_G, BLOCK_G, NG)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
@@ -319,6 +358,13 @@ def _ls_bwd_dkv_global_combine_kernel(
         dvg = _layer_norm_rows_bwd(dvg * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
     tl.store(DK_RAW + rows, dkg, mask=mask_gd)
     tl.store(DV_RAW + rows, dvg, mask=mask_gd)
+    if SPLIT:
+        dk_hi = dkg.to(DK_HI.dtype.element_ty)
+        dv_hi = dvg.to(DV_HI.dtype.element_ty)
+        tl.store(DK_HI + rows, dk_hi, mask=mask_gd)
+        tl.store(DV_HI + rows, dv_hi, mask=mask_gd)
+        tl.store(DK_LO + rows, (dkg - dk_hi.to(tl.float32)).to(DK_LO.dtype.element_ty), mask=mask_gd)
+        tl.store(DV_LO + rows, (dvg - dv_hi.to(tl.float32)).to(DV_LO.dtype.element_ty), mask=mask_gd)
     if HAS_COL_DOT:
         if not HAS_LN:
             k_raw = tl.load(KRAW + rows, mask=mask_gd, other=0.0)

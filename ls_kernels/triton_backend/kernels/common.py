@@ -45,19 +45,6 @@ def _dot(a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _dot_fine(a, b, zero, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] (fp16/bf16, fp32 or fp64) @ b [K, N] in the accumulation dtype, keeping b's accuracy: with
-    fp16/bf16 a, b is split into a rounded high part and the rounded rest, two tensor-core dots; otherwise one
-    dot in the accumulation dtype at PRECISION."""
-    if a.dtype.is_fp16() or a.dtype.is_bf16():
-        b_hi = b.to(a.dtype)
-        b_lo = (b - b_hi.to(b.dtype)).to(a.dtype)
-        return tl.dot(a, b_hi) + tl.dot(a, b_lo)
-    else:
-        return _dot(a + zero, b, IS_FP64, PRECISION)
-
-
-@triton.jit
 def _exp(x, IS_FP64: tl.constexpr):
     """exp in the kernels' units: base 2 for fp32 (scores carry log2(e)), natural for fp64."""
     if IS_FP64:

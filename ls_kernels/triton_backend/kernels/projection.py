@@ -18,7 +18,7 @@ in q's dtype, as the attention kernels read them.
 import triton
 import triton.language as tl
 
-from .common import (_affine_rows, _batch_head, _dot, _dot_fine, _layer_norm_rows, _load_ln, _load_normed_rows,
+from .common import (_affine_rows, _batch_head, _dot, _layer_norm_rows, _load_ln, _load_normed_rows,
                      _load_rows, _load_scalars, _real_rows, _row_stats, _tile)
 
 # what _proj_partial_kernel does with LN_L: nothing (K, V are what the projection reads); or K, V are raw, and it
@@ -49,6 +49,53 @@ def _store_group(m_col, z_col, acc_k, acc_v, out_row, offs_d, mask_d, mask_r, LN
         v_raw = _layer_norm_rows(v_raw, ln_w, ln_b, mask_d, eps, HEAD_DIM)
     tl.store(KG + out, k_raw.to(KG.dtype.element_ty), mask=mask_rd)
     tl.store(VG + out, v_raw.to(VG.dtype.element_ty), mask=mask_rd)
+
+
+@triton.jit
+def _dot_split(x, hi, lo_ptrs, mask, zero, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """x [M, D] (the inputs' dtype) @ g^T for g [R, D] given as its high part hi and, with SPLIT, its rounded
+    rest at lo_ptrs (two tensor-core dots: fp32's accuracy); else hi is g in the accumulation dtype."""
+    if SPLIT:
+        return tl.dot(x, tl.trans(hi)) + tl.dot(x, tl.trans(tl.load(lo_ptrs, mask=mask, other=0.0)))
+    else:
+        return _dot(x + zero, tl.trans(hi), IS_FP64, PRECISION)
+
+
+@triton.jit
+def _proj_rows_bwd(dk_src, dv_src, k, v, valid, mask_n, p_rows, g_base, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT,
+                   DP, dp_row, offs_d, mask_d, zero, RANK, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Backward of the projection at BLOCK_N positions of one group, whose rows k_P, v_P [BLOCK_N, BLOCK_D] (in
+    the inputs' dtype) it read; valid [BLOCK_N]: not padding, mask_n: inside the sequence.
+
+    p_rows [BLOCK_N, 1]: pointers to the positions' logits; g_base: the group's first row of (B, H, NG) in
+    COL_LSE [B, H, NG], COL_DOT [B, H, NG] (c_i = Kraw_i . dKraw_i + Vraw_i . dVraw_i, the column sums of
+    P * dP) and the gradients of P^T k_P, P^T v_P, [B, H, NG, HEAD_DIM] contiguous: with SPLIT (fp16/bf16
+    inputs) as a high part DK_HI (dKraw rounded to the inputs' dtype) and the rounded rest DK_LO, so that the
+    dots with k_P keep fp32's accuracy (with one position per column, dprob and c_i cancel exactly); else
+    DK_HI is dKraw in the accumulation dtype (DK_LO unread). DP [B, H, N, RANK] contiguous at rows dp_row
+    [BLOCK_N]. Stores dproj[n, i] = P[n, i] * (k_P[n] . dKraw_i + v_P[n] . dVraw_i - c_i) and adds
+    dk_P[n] = sum_i P[n, i] dKraw_i and dv_P to dk_src, dv_src [BLOCK_N, BLOCK_D] (accumulation dtype),
+    returned."""
+    for start_r in range(0, RANK, BLOCK_R):
+        offs_r, mask_r = _tile(start_r, BLOCK_R, RANK)
+        logits = tl.load(p_rows + offs_r[None, :], mask=valid[:, None] & mask_r[None, :], other=0.0) + zero
+        col_lse = tl.load(COL_LSE + g_base + offs_r, mask=mask_r, other=float("inf"))  # [BLOCK_R]
+        prob = tl.where(valid[:, None] & mask_r[None, :], tl.exp(logits - col_lse[None, :]), 0.0)  # [BLOCK_N, BLOCK_R]
+        prob_in = prob.to(k.dtype)  # the dots with dk_P, dv_P in the inputs' dtype
+        grid_rd = (g_base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
+        mask_rd = mask_r[:, None] & mask_d[None, :]
+        dk_hi = tl.load(DK_HI + grid_rd, mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_D]
+        dv_hi = tl.load(DV_HI + grid_rd, mask=mask_rd, other=0.0)
+        dprob = _dot_split(k, dk_hi, DK_LO + grid_rd, mask_rd, zero, IS_FP64, PRECISION, SPLIT) \
+            + _dot_split(v, dv_hi, DV_LO + grid_rd, mask_rd, zero, IS_FP64, PRECISION, SPLIT)  # [BLOCK_N, BLOCK_R]
+        dk_src += _dot(prob_in, dk_hi.to(k.dtype), IS_FP64, PRECISION)
+        dv_src += _dot(prob_in, dv_hi.to(k.dtype), IS_FP64, PRECISION)
+        col_dot = tl.load(COL_DOT + g_base + offs_r, mask=mask_r, other=0.0)  # [BLOCK_R]
+        dlogits = prob * (dprob - col_dot[None, :])  # [BLOCK_N, BLOCK_R]
+        tl.store(DP + dp_row.to(tl.int64)[:, None] * RANK + offs_r[None, :], dlogits.to(DP.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_r[None, :])
+    return dk_src, dv_src
 
 
 @triton.jit
@@ -194,7 +241,7 @@ def _proj_bwd_kernel(
     LNW, LNB,  # [H or 1, HEAD_DIM]: LN_L weight and bias
     SCALARS,  # [4]: _load_scalars
     COL_LSE,  # [B, H, NG]
-    DK_RAW, DV_RAW,  # [B, H, NG, HEAD_DIM] contiguous: gradients of P^T k_P, P^T v_P
+    DK_HI, DK_LO, DV_HI, DV_LO,  # [B, H, NG, HEAD_DIM] contiguous: gradients of P^T k_P, P^T v_P (_proj_rows_bwd)
     COL_DOT,  # [B, H, NG]: Kraw . dKraw + Vraw . dVraw per column
     DP,  # [B, H, N, RANK] contiguous: gradient of the logits
     DK_SRC, DV_SRC,  # [B, H, N, HEAD_DIM] contiguous, k's dtype: gradients of k_P, v_P
@@ -204,7 +251,8 @@ def _proj_bwd_kernel(
     stride_padb, stride_lnh,
     N, H, RANK, SEG_LEN, NG, GROUP_IS_SEGMENT,
     HEAD_DIM: tl.constexpr, HAS_PAD: tl.constexpr, HAS_LN: tl.constexpr, IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Backward of the projection for one segment of positions.
 
@@ -233,27 +281,10 @@ def _proj_bwd_kernel(
                               zero, ln_w, ln_b, eps, HAS_LN, HEAD_DIM).to(K.dtype.element_ty)
         dk_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
         dv_src = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
-        for start_r in range(0, RANK, BLOCK_R):
-            offs_r, mask_r = _tile(start_r, BLOCK_R, RANK)
-            logits = tl.load(p_base + rows * stride_pn + offs_r[None, :], mask=valid[:, None] & mask_r[None, :],
-                             other=0.0) + zero  # [BLOCK_N, BLOCK_R]
-            col_lse = tl.load(COL_LSE + g_base + offs_r, mask=mask_r, other=float("inf"))  # [BLOCK_R]
-            prob = tl.where(valid[:, None] & mask_r[None, :], tl.exp(logits - col_lse[None, :]), 0.0)
-            grid_rd = (g_base + offs_r)[:, None] * HEAD_DIM + offs_d[None, :]
-            mask_rd = mask_r[:, None] & mask_d[None, :]
-            dk_raw = tl.load(DK_RAW + grid_rd, mask=mask_rd, other=0.0)  # [BLOCK_R, BLOCK_D]
-            dv_raw = tl.load(DV_RAW + grid_rd, mask=mask_rd, other=0.0)
-            col_dot = tl.load(COL_DOT + g_base + offs_r, mask=mask_r, other=0.0)  # [BLOCK_R]
-            # dk_raw, dv_raw at fp32's accuracy: with one position per column, dprob and col_dot cancel exactly
-            dprob = _dot_fine(k, tl.trans(dk_raw), zero, IS_FP64, PRECISION) \
-                + _dot_fine(v, tl.trans(dv_raw), zero, IS_FP64, PRECISION)
-            dk_raw_in, dv_raw_in = dk_raw.to(K.dtype.element_ty), dv_raw.to(K.dtype.element_ty)  # the inputs' dtype
-            dlogits = prob * (dprob - col_dot[None, :])  # [BLOCK_N, BLOCK_R]
-            tl.store(DP + (pid_bh.to(tl.int64) * N + rows) * RANK + offs_r[None, :], dlogits.to(DP.dtype.element_ty),
-                     mask=mask_n[:, None] & mask_r[None, :])
-            prob_in = prob.to(K.dtype.element_ty)
-            dk_src += _dot(prob_in, dk_raw_in, IS_FP64, PRECISION)
-            dv_src += _dot(prob_in, dv_raw_in, IS_FP64, PRECISION)
+        dk_src, dv_src = _proj_rows_bwd(dk_src, dv_src, k, v, valid, mask_n, p_base + rows * stride_pn, g_base,
+                                        COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT, DP,
+                                        pid_bh.to(tl.int64) * N + offs_n, offs_d, mask_d, zero, RANK, IS_FP64,
+                                        PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
         out = (pid_bh.to(tl.int64) * N + offs_n.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK_SRC + out, dk_src.to(DK_SRC.dtype.element_ty), mask=mask_nd)
         tl.store(DV_SRC + out, dv_src.to(DV_SRC.dtype.element_ty), mask=mask_nd)
