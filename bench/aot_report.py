@@ -77,6 +77,11 @@ def kernel_specs(dtype, D, pad=True):
         const = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, STORE_RES=True,
                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_N)
         specs.append((f"_ls_fwd_kernel[{mode}]", fwd_kernels._ls_fwd_kernel, types, const, warps, stages))
+        narrow = launch.fwd_config(D, dtype, gpu_tiles=True, window_span=launch.NARROW_BLOCK_N)
+        if narrow.block_n != BLOCK_N:  # small windows' tiles
+            const = dict(const, BLOCK_M=narrow.block_m, BLOCK_N=narrow.block_n, BLOCK_G=narrow.block_n)
+            specs.append((f"_ls_fwd_kernel[{mode},narrow]", fwd_kernels._ls_fwd_kernel, types, const,
+                          narrow.num_warps, narrow.num_stages))
 
         bm, bn, w, st = bwd["dq"]
         types = {"Q": t, "K": t, "V": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t,
@@ -97,8 +102,9 @@ def kernel_specs(dtype, D, pad=True):
 
         bm, bn, w, st = bwd["dkv_global"]
         types = {"Q": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
-                 "DELTA": acc, "DKG_PART": acc, "DVG_PART": acc}
-        const = dict(flags, BLOCK_M=bm, BLOCK_G=bn)
+                 "DELTA": acc, "O": t, "O_RES": t, "DKG_PART": acc, "DVG_PART": acc}
+        # bidirectional: delta computed here (one block of r = 32 vectors); causal: read
+        const = dict(flags, DELTA_HERE=not causal, HAS_RES=dtype in HALF_DTYPES, BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
     types = {"DKG_PART": acc, "DVG_PART": acc, "KRAW": acc, "VRAW": acc, "LNW": acc, "SCALARS": acc, "DK_RAW": acc,
              "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc, **_split_types(dtype, acc)}
@@ -120,7 +126,7 @@ def kernel_specs(dtype, D, pad=True):
     types = {"PART_M": acc, "PART_Z": acc, "PART_K": acc, "PART_V": acc, "LNW": acc, "LNB": acc,
              "SCALARS": acc, "KG": t, "VG": t, "KRAW": acc, "VRAW": acc, "COL_LSE": acc}
     specs.append(("_proj_combine_kernel", prj_kernels._proj_combine_kernel, types,
-                  dict(flags, BLOCK_R=prj.COMBINE_BLOCK_R), 4, 1))
+                  dict(flags, BLOCK_R=prj.COMBINE_BLOCK_R), prj.COMBINE_WARPS, 1))
     types = {"P": t, "K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "COL_LSE": acc,
              "COL_DOT": acc, "DP": t, "DK_SRC": t, "DV_SRC": t, **_split_types(dtype, acc)}
     for seg_len in sorted({4096, 16}):  # causal chunks of 16, long bidirectional segments

@@ -176,7 +176,7 @@ def runs(pc):
         add("_proj_combine_kernel", "forward", dict(BLOCK_R=CBR), ["segments"],
             np.full((n_groups * _cdiv(r, CBR), 1), n_seg), [c_part_row], c_ranks * (2 * row + 2 * acc_row + ACC_BYTES),
             [0], BH * n_seg * n_rblk * part_row + BH * NG * (2 * row + 2 * acc_row + ACC_BYTES))
-    fwd_tiles = launch.fwd_config(D, dtype)
+    fwd_tiles = launch.fwd_config(D, dtype, window_span=cfg.window_span)
     BM, BN = fwd_tiles.block_m, fwd_tiles.block_n
     BG = block_g(NG, BN)
     iters = _attention_iters(cfg, N, NG, BM, BN, BG)
@@ -187,18 +187,22 @@ def runs(pc):
         3 * qkv + 2 * BH * NG * row + 2 * qkv + BH * N * ACC_BYTES, issued_scores=issued)
 
     # backward: delta, dKg/dVg (+ combine with the LN_G backward), projection backward, dK/dV, dQ
-    add("_ls_bwd_delta_kernel", "backward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
-        rows * (3 * row + ACC_BYTES), [], BH * N * (3 * row + ACC_BYTES))  # dO, o, its residual in; delta out
     tiles = launch.bwd_config(D, dtype)
+    delta_here = launch.delta_in_dkv_global(cfg, NG, tiles)
+    if not delta_here:  # dO, o, its residual in; delta out
+        add("_ls_bwd_delta_kernel", "backward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
+            rows * (3 * row + ACC_BYTES), [], BH * N * (3 * row + ACC_BYTES))
     t = tiles["dkv_global"]
     GBG = block_g(NG, t.block_n)
     n_split, split_len = _dkv_global_split(cfg, N, NG, t.block_m, GBG, B, H)
     iters = _dkv_global_iters(cfg, N, NG, t.block_m, GBG, n_split, split_len)
-    qrow_bytes = t.block_m * (2 * row + 2 * ACC_BYTES)  # q, dO, logsumexp, delta
-    add(f"_ls_bwd_dkv_global_kernel[{mode}]", "backward", dict(BLOCK_M=t.block_m, BLOCK_G=GBG),
-        ["edge", "interior", "edge"], iters, [qrow_bytes] * 3, GBG * (2 * row + 2 * acc_row),
+    qrow_bytes = t.block_m * (2 * row + 2 * ACC_BYTES)  # q, dO, logsumexp, delta (read, or written)
+    o_rows = 2 * row if delta_here else 0  # o and its residual read to compute delta
+    add(f"_ls_bwd_dkv_global_kernel[{mode}]", "backward",
+        dict(BLOCK_M=t.block_m, BLOCK_G=GBG, DELTA_HERE=delta_here),
+        ["edge", "interior", "edge"], iters, [qrow_bytes + t.block_m * o_rows] * 3, GBG * (2 * row + 2 * acc_row),
         [8 * t.block_m * GBG * block_d(D)] * 3,
-        2 * qkv + 2 * BH * N * ACC_BYTES + 2 * BH * NG * row + n_split * BH * NG * 2 * acc_row)
+        2 * qkv + 2 * BH * N * ACC_BYTES + BH * N * o_rows + 2 * BH * NG * row + n_split * BH * NG * 2 * acc_row)
     CBG = launch.COMBINE_ROWS
     add("_ls_bwd_dkv_global_combine_kernel", "backward", dict(BLOCK_G=CBG), ["splits"],
         np.full((_cdiv(NG, CBG), 1), n_split), [CBG * 2 * acc_row], CBG * (4 * acc_row + ACC_BYTES), [0],

@@ -53,6 +53,13 @@ class LSConfig:
         """e: a bidirectional window is its segment of w positions widened by e on each side."""
         return half_width(self.window)
 
+    @property
+    def window_span(self):
+        """Window keys one query may see: w (causal), w + 2e (bidirectional), 0 without a window."""
+        if self.window <= 0:
+            return 0
+        return self.window if self.causal else self.window + 2 * self.half_width
+
     def num_projected(self, N):
         """NG: projected vectors of a sequence of N positions (causal: of its full chunks, chunk-major)."""
         return self.rank * (N // self.chunk if self.causal else 1)

@@ -153,3 +153,48 @@ def test_strided_layouts_match_contiguous():
         results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
     for name, a, b in zip(("out", "dq", "dk", "dv", "dproj"), *results):
         assert torch.equal(a, b), name
+
+
+GPU_TILE_CASES = [  # the tiles a GPU launches, in the interpreter: (causal, N, D, w, r, chunk, pad, after)
+    (False, 160, 64, 8, 32, 16, "rows", True),  # narrow forward tiles, delta in dKg/dVg, projection bwd in dK/dV
+    (False, 130, 48, 32, 80, 16, "none", False),  # two blocks of projected vectors: delta pre-pass; raw k_P, v_P
+    (True, 150, 64, 16, 2, 16, "chunk", False),  # causal chunks: the projection backward's own kernel
+    (False, 96, 128, 16, 16, 16, "rows", True),  # D 128: the projection backward's own kernel
+]
+
+
+@pytest.mark.parametrize("case", GPU_TILE_CASES, ids=lambda c: "{}-N{}-D{}-w{}-r{}-l{}-pad_{}{}".format(
+    "causal" if c[0] else "bidir", *c[1:7], "-after" if c[7] else ""))
+def test_gpu_tiles_fp16(case):
+    """launch.forward/backward at the GPU's default tiles and kernel choices (fp16), against the fp64
+    reference by the 2x rule, output and every gradient."""
+    from ls_kernels.config import LSConfig, default_scale
+    from ls_kernels.triton_backend import launch
+
+    causal, N, D, w, r, chunk, pad, after = case
+    q, k, v, proj, kw = make_inputs(1, 2, N, D, r, dtype=torch.float16, pad=pad, chunk=chunk, ln_local="head",
+                                    ln_global="shared", device=DEVICE, requires_grad=True)
+    kw.update(window=w, causal=causal, project_after_ln=after)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    cfg = LSConfig(window=w, causal=causal, chunk=chunk, rank=r, scale=default_scale(D), project_after_ln=after)
+    ln = dict(ln_local=tuple(x.detach() for x in kw["ln_local"]), ln_global=tuple(x.detach() for x in kw["ln_global"]))
+    pad_mask = kw["key_padding_mask"]
+    with torch.no_grad():
+        fwd = launch.forward(q, k, v, cfg=cfg, proj=proj, pad=pad_mask, store_acc=True, gpu_tiles=True, **ln)
+        g = launch.backward(grad_out.to(q.dtype), q, k, v, cfg=cfg, o=fwd.out, o_res=fwd.o_res, lse=fwd.lse,
+                            projected=fwd.projected, ln_stats=fwd.ln_stats, proj=proj, pad=pad_mask, gpu_tiles=True,
+                            **ln)
+    got = {"out": fwd.out, "q": g.q, "k": g.k, "v": g.v, "proj": g.proj,
+           "ln_local.weight": g.ln_local_weight, "ln_local.bias": g.ln_local_bias,
+           "ln_global.weight": g.ln_global_weight, "ln_global.bias": g.ln_global_bias}
+    kw64 = dict(kw, **{s: tuple(to64(x) for x in kw[s]) for s in ("ln_local", "ln_global")})
+    ref = _grads(ls_attention_ref, to64(q), to64(k), to64(v), to64(proj), kw64, grad_out)
+    same = _grads(lambda *a, **k_: ls_attention_ref(*a, upcast=False, **k_), q, k, v, proj, kw, grad_out)
+    ref["out"] = ls_attention_ref(to64(q), to64(k), to64(v), to64(proj), **kw64).detach()
+    same["out"] = ls_attention_ref(q, k, v, proj, upcast=False, **kw).detach()
+    for name in ref:
+        assert torch.isfinite(got[name]).all(), name
+        err = (got[name].double() - ref[name]).abs().max().item()
+        err_torch = (same[name].double() - ref[name]).abs().max().item()
+        scale = max(1.0, ref[name].abs().max().item())  # as in _check_grads
+        assert err <= 2 * err_torch + TINY[torch.float16] * scale, (name, err, err_torch, scale)

@@ -43,19 +43,25 @@ class Tiles(NamedTuple):
 
 
 _INTERPRETER_TILES = Tiles(32, 32, 4, 1)
+# the forward's key tile for windows of at most this many keys (fwd_config)
+NARROW_BLOCK_N = 32
 
 
-def fwd_config(D, dtype, gpu_tiles=GPU_TILES):
+def fwd_config(D, dtype, gpu_tiles=GPU_TILES, window_span=0):
     """Default tiles of the forward kernel, chosen by ahead-of-time compilation (bench/aot_report.py): zero
     spills on sm_90a. fp32 dots are IEEE FMA dots that hold whole rows of their operands in registers, hence
-    the small tiles; fp64 has no dot at all (broadcast products)."""
+    the small tiles; fp64 has no dot at all (broadcast products). fp16/bf16 at D <= 64 take 64-key tiles,
+    or NARROW_BLOCK_N-key tiles when a query's window keys (window_span, LSConfig.window_span) fit in one:
+    a block's window then needs about 64 + span keys, three narrow tiles against two wide ones."""
     if not gpu_tiles:
         return _INTERPRETER_TILES
     if dtype == torch.float64:
         return Tiles(16, 16, 4, 1)
     if dtype == torch.float32:
         return Tiles(32, 16, 8, 2) if D <= 64 else Tiles(16, 16, 8, 2)
-    return Tiles(64, 64, 4, 2) if D <= 64 else Tiles(64, 32, 8, 2)
+    if D > 64:
+        return Tiles(64, 32, 8, 2)
+    return Tiles(64, NARROW_BLOCK_N if 0 < window_span <= NARROW_BLOCK_N else 64, 4, 2)
 
 
 def bwd_config(D, dtype, gpu_tiles=GPU_TILES):
@@ -196,7 +202,7 @@ def forward(q, k, v, *, cfg: LSConfig, proj=None, kg=None, vg=None, ln_local=Non
     NG, rank = projected.kg.shape[2], max(cfg.rank, 1)
     gvis = gvis_int8(pad, B, Nk, rank, cfg.causal, cfg.chunk, NG, device, given=gvis)
     q_off, c_off = cfg.offsets(N, Nk)
-    tiles = fwd_config(D, q.dtype, gpu_tiles)
+    tiles = fwd_config(D, q.dtype, gpu_tiles, window_span=cfg.window_span)
     out = torch.empty(B, H, N, D, dtype=q.dtype, device=device)
     keep_res = store_acc and dtype in HALF_DTYPES
     res_in_kernel = keep_res and q.dtype == dtype  # (the interpreter computes bf16 in fp32: residual below)
@@ -225,14 +231,21 @@ def _common(q, cfg, tiles):
                 num_stages=tiles.num_stages)
 
 
+def _output_rows(o, o_res):
+    """The forward's output (in the kernels' dtype) and its rounding residual (or None) as contiguous tensors,
+    as the kernels computing delta read them."""
+    o, = _kernel_tensors(o)
+    return o.contiguous(), (o_res.contiguous() if o_res is not None else None)
+
+
 def _delta(o, o_res, do, *, pad8, stride_pad, q_off, acc):
     """rowsum(dO * (O + O_res)) (B, H, N) in the accumulation dtype (O_res: the output's rounding residual, or
     None), 0 at padded queries whatever dO holds there (query row i at padding position i + q_off)."""
     B, H, N, D = do.shape
     delta = torch.empty(B, H, N, dtype=acc, device=do.device)
-    o, = _kernel_tensors(o)
+    o, o_res = _output_rows(o, o_res)
     _ls_bwd_delta_kernel[(triton.cdiv(N, ROWS_PER_PROGRAM), H, B)](
-        o.contiguous(), o_res.contiguous() if o_res is not None else absent(do.device), do,
+        o, o_res if o_res is not None else absent(do.device), do,
         pad8 if pad8 is not None else absent(do.device), delta,
         do.stride(0), do.stride(1), do.stride(2), stride_pad, H, N, q_off,
         HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_RES=o_res is not None, BLOCK_M=ROWS_PER_PROGRAM,
@@ -269,12 +282,19 @@ class GlobalGrads(NamedTuple):
     ln_bias: Optional[torch.Tensor]
 
 
-def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, ln_global, tiles):
+def delta_in_dkv_global(cfg, NG, tiles):
+    """Whether _ls_bwd_dkv_global_kernel computes delta (no pre-pass): bidirectional (every query sees the
+    projected vectors) with one block of them, so that one program visits each query."""
+    return NG > 0 and not cfg.causal and block_g(NG, tiles["dkv_global"].block_n) >= NG
+
+
+def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, ln_global, tiles,
+                out=None):
     """Gradients of the projected vectors before LN_G (of kg, vg themselves without it), (B, H, NG, D) in the
     accumulation dtype: per-split partials of _ls_bwd_dkv_global_kernel (each split holds at most split_len
     queries, counted from the first query that sees the block of vectors, so that programs are even), summed
-    in a fixed order (deterministic) by _ls_bwd_dkv_global_combine_kernel with the LN_G backward. Returns
-    GlobalGrads."""
+    in a fixed order (deterministic) by _ls_bwd_dkv_global_combine_kernel with the LN_G backward. With out =
+    (o, o_res) (delta_in_dkv_global), the kernel writes delta itself. Returns GlobalGrads."""
     B, H, N, D = q.shape
     NG = projected.kg.shape[2]
     acc = scalars.dtype
@@ -286,12 +306,14 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, of
     n_split = triton.cdiv(N, split_len)
     dkg_part = torch.empty(n_split, B, H, NG, D, dtype=acc, device=q.device)
     dvg_part = torch.empty_like(dkg_part)
+    o, o_res = _output_rows(*out) if out is not None else (absent(q.device), None)
     _ls_bwd_dkv_global_kernel[(n_gblk, n_split, B * H)](
         q, projected.kg, projected.vg, gvis, pad8 if pad8 is not None else absent(q.device), scalars, do, lse,
-        delta, dkg_part, dvg_part,
+        delta, o, o_res if o_res is not None else absent(q.device), dkg_part, dvg_part,
         *bhn_strides(q, do), stride_pad,
         H, N, *offsets, NG, cfg.chunk, max(cfg.rank, 1), split_len,
-        HAS_PAD=pad8 is not None, BLOCK_G=BLOCK_G, **_common(q, cfg, tiles),
+        HAS_PAD=pad8 is not None, DELTA_HERE=out is not None, HAS_RES=o_res is not None, BLOCK_G=BLOCK_G,
+        **_common(q, cfg, tiles),
     )
     has_col_dot = projected.k_raw.shape[2] == NG  # the projection ran here: its backward follows
     lnw, _, stride_lnh = ln_params(ln_global, H, D, acc, q.device)
@@ -372,18 +394,21 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, 
         projected = _given(kg, vg, acc, q)
     pad8, stride_pad = pad_int8(pad)
     offsets = cfg.offsets(N, Nk)
-    delta = _delta(o, o_res, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
     NG = projected.kg.shape[2]
     gvis = gvis_int8(pad, B, Nk, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device, given=gvis)
     tiles = bwd_config(D, q.dtype, gpu_tiles)
     where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, offsets=offsets, scalars=scalars)
+    delta_here = delta_in_dkv_global(cfg, NG, tiles)
+    delta = torch.empty(B, H, N, dtype=acc, device=q.device) if delta_here else \
+        _delta(o, o_res, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
 
     grads = {}
     dk_src = dv_src = proj_bwd = None
     src_len = 0
     if NG > 0:
         glob = _dkv_global(q, do, lse, delta, projected=projected, gvis=gvis,
-                           ln_global=ln_global if proj is not None else None, tiles=tiles["dkv_global"], **where)
+                           ln_global=ln_global if proj is not None else None, tiles=tiles["dkv_global"],
+                           out=(o, o_res) if delta_here else None, **where)
         if proj is None:
             grads.update(kg=glob.dk_raw, vg=glob.dv_raw)
         elif not runs_in_kernel(cfg.causal, D):  # the projection backward's own kernel

@@ -17,8 +17,10 @@ _MIN_SEGMENT = 64
 _SEGMENT_ALIGN = 16
 # the projection's fp32 dots: three TF32 tensor-core products with the low parts (fp32's accuracy)
 PRECISION = "tf32x3"
-# rank columns per program of the combine (a short serial walk over the segments: many small programs)
+# rank columns per program of the combine (a short serial walk over the segments: many small programs) and its
+# warps (the walk is one program's critical path: more warps, fewer instructions each)
 COMBINE_BLOCK_R = 16
+COMBINE_WARPS = 8
 
 
 class Projected(NamedTuple):
@@ -181,7 +183,8 @@ def projection_forward(*, proj, k, v, pad8, stride_pad, ln_global, causal, chunk
             part_m, part_z, part_k, part_v, lng_w, lng_b, scalars,
             kg, vg, k_raw, v_raw, col_lse,
             H, r, segs_per_group, lng_stride,
-            HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4,
+            HEAD_DIM=D, HAS_LN=ln_global is not None, BLOCK_R=COMBINE_BLOCK_R, BLOCK_D=BLOCK_D,
+            num_warps=COMBINE_WARPS,
         )
     return Projected(kg, vg, k_raw, v_raw, col_lse)
 

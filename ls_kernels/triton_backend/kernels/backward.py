@@ -1,8 +1,9 @@
 """Backward kernels, FlashAttention style: probabilities recomputed from the forward's logsumexp, delta =
-rowsum(dO * O) by a pre-pass. Window dK, dV per key block (with the LN_L backward, the projection's gradients
-of what it read, and LN_L(k), LN_L(v) written for the dQ kernel); dQ per query block; the projected vectors'
-dKg, dVg as per-split partials summed afterwards in a fixed order. Key or query tiles that every row of a
-block sees whole run unmasked. No atomics: deterministic."""
+rowsum(dO * O) by a pre-pass or, where one program of the projected vectors' kernel visits each query, there.
+Window dK, dV per key block (with the LN_L backward, the projection's backward or its gradients of what it
+read, and LN_L(k), LN_L(v) written for the dQ kernel); dQ per query block; the projected vectors' dKg, dVg as
+per-split partials summed afterwards in a fixed order. Key or query tiles that every row of a block sees whole
+run unmasked. No atomics: deterministic."""
 import triton
 import triton.language as tl
 
@@ -75,11 +76,15 @@ def _ls_bwd_dq_kernel(
 
 @triton.jit
 def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base, pad_base, qk_scale,
-                     q_lo, q_hi, start, stop, offs_d, mask_d, N, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
-                     IS_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+                     q_lo, q_hi, start, stop, offs_d, mask_d, N, o_base, res_base, stride_on, HAS_PAD: tl.constexpr,
+                     EVEN_D: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     MASKED: tl.constexpr, DELTA_HERE: tl.constexpr, HAS_RES: tl.constexpr):
     """dk, dv [BLOCK_N, BLOCK_D] of keys k and values v [BLOCK_N, BLOCK_D], summed over the query tiles
     start, start + BLOCK_M, .. below stop. MASKED tiles keep only queries in each key's [q_lo, q_hi)
-    [BLOCK_N]; other tiles are seen whole by every key (padded queries: zero q, dO and +inf logsumexp)."""
+    [BLOCK_N]; other tiles are seen whole by every key (padded queries: zero q, dO and +inf logsumexp).
+    DELTA_HERE: each query's delta = rowsum(dO * O) computed here from the output's rows at o_base (plus its
+    rounding residual's at res_base with HAS_RES; row stride stride_on) and stored at delta_base (every query
+    tile must then be visited once), else read there."""
     for start_m in range(start, stop, BLOCK_M):
         offs_m, mask_m = _tile(start_m, BLOCK_M, N)
         q_ok = _real_rows(pad_base, offs_m, mask_m, HAS_PAD)  # padded queries: q = dO = 0
@@ -87,9 +92,21 @@ def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_b
         do = _load_tile(do_base, offs_m, stride_don, q_ok, offs_d, mask_d, MASKED or HAS_PAD, EVEN_D)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=mask_m, other=float("inf"))  # [BLOCK_M]
-            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
         else:
             lse = tl.load(lse_base + offs_m)
+        if DELTA_HERE:  # 0 at padded queries, whose dO reads as 0
+            acc = delta_base.dtype.element_ty
+            o = _load_tile(o_base, offs_m, stride_on, q_ok, offs_d, mask_d, MASKED or HAS_PAD, EVEN_D).to(acc)
+            if HAS_RES:
+                o += _load_tile(res_base, offs_m, stride_on, q_ok, offs_d, mask_d, MASKED or HAS_PAD, EVEN_D).to(acc)
+            delta = tl.sum(do.to(acc) * o, axis=1)  # [BLOCK_M]
+            if MASKED:
+                tl.store(delta_base + offs_m, delta, mask=mask_m)
+            else:
+                tl.store(delta_base + offs_m, delta)
+        elif MASKED:
+            delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+        else:
             delta = tl.load(delta_base + offs_m)
         s = _dot(q, tl.trans(k), IS_FP64, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         p = _exp(s - lse[:, None], IS_FP64)
@@ -204,12 +221,12 @@ def _ls_bwd_dkv_kernel(
                     m_start, m_stop = m2, m3
                 dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base,
                                           delta_base, pad_base + Q_OFF, qk_scale, q_lo, q_hi, m_start, m_stop, offs_d,
-                                          mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M,
-                                          part != 1)
+                                          mask_d, N, DO, DO, 0, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION,
+                                          BLOCK_M, part != 1, False, False)
         else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
             dk, dv = _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                      pad_base + Q_OFF, qk_scale, q_lo, q_hi, m0, m3, offs_d, mask_d, N, HAS_PAD,
-                                      HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
+                                      pad_base + Q_OFF, qk_scale, q_lo, q_hi, m0, m3, offs_d, mask_d, N, DO, DO, 0,
+                                      HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True, False, False)
         if HAS_LN:  # after the loop: stored before it, the fp32 kernels spill
             tl.store(KN + out, k, mask=mask_nd)
             tl.store(VN + out, v, mask=mask_nd)
@@ -248,19 +265,21 @@ def _ls_bwd_dkv_global_kernel(
     PAD,  # [B, NK] int8, nonzero = padding (query row i at position i + Q_OFF)
     SCALARS,  # [4]: _load_scalars
     DO,  # [B, H, N, HEAD_DIM], unit last stride
-    LSE, DELTA,  # [B, H, N] contiguous
+    LSE, DELTA,  # [B, H, N] contiguous: DELTA written here with DELTA_HERE, else read
+    O, O_RES,  # [B, H, N, HEAD_DIM] contiguous: the forward's output and its rounding residual (DELTA_HERE)
     DKG_PART, DVG_PART,  # [n_split, B, H, NG, HEAD_DIM]: per-split gradient partials
     stride_qb, stride_qh, stride_qn,
     stride_dob, stride_doh, stride_don,
     stride_padb,
     H, N, Q_OFF, C_OFF, NG, CHUNK, RANK, SPLIT_LEN,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, IS_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DELTA_HERE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Partial dKg, dVg of a block of projected vectors over one split of the queries (SPLIT_LEN of them,
     from the first query that sees the block when causal). The splits are summed afterwards in a fixed order
-    (deterministic, no atomics)."""
+    (deterministic, no atomics). DELTA_HERE (one block of vectors, every query visited by one program): each
+    query's delta = rowsum(dO * O) is computed here from O (plus O_RES with HAS_RES) and stored."""
     pid_g, pid_s, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     off_b, off_h = _batch_head(pid_bh, H)
     start_g = pid_g * BLOCK_G
@@ -292,6 +311,7 @@ def _ls_bwd_dkv_global_kernel(
     lse_base, delta_base = LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N
     q_end = tl.zeros([BLOCK_G], tl.int32) + hi
     q_pad_base = PAD + off_b * stride_padb + Q_OFF  # query row i's padding flag
+    o_base, res_base = O + pid_bh.to(tl.int64) * N * HEAD_DIM, O_RES + pid_bh.to(tl.int64) * N * HEAD_DIM
     if kg.dtype.is_fp16() or kg.dtype.is_bf16():  # tensor-core tiles: edge, interior (unmasked), edge runs
         for part in tl.static_range(3):
             if part == 0:
@@ -302,11 +322,13 @@ def _ls_bwd_dkv_global_kernel(
                 m_start, m_stop = m2, m3
             dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base,
                                         delta_base, q_pad_base, qk_scale, q_first, q_end, m_start, m_stop, offs_d,
-                                        mask_d, N, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, part != 1)
+                                        mask_d, N, o_base, res_base, HEAD_DIM, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64,
+                                        PRECISION, BLOCK_M, part != 1, DELTA_HERE, HAS_RES)
     else:  # IEEE fp32 dots hold their operands in registers (fp64: products): one masked loop, small code
         dkg, dvg = _key_block_grads(dkg, dvg, kg, vg, q_base, do_base, stride_qn, stride_don, lse_base, delta_base,
-                                    q_pad_base, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N, HAS_PAD,
-                                    HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True)
+                                    q_pad_base, qk_scale, q_first, q_end, m0, m3, offs_d, mask_d, N, o_base, res_base,
+                                    HEAD_DIM, HAS_PAD, HEAD_DIM == BLOCK_D, IS_FP64, PRECISION, BLOCK_M, True,
+                                    DELTA_HERE, HAS_RES)
     dkg = tl.where(g_ok[:, None], dkg * scale, 0.0)  # invisible vectors have no gradient
     dvg = tl.where(g_ok[:, None], dvg, 0.0)
     part_rows = (pid_s.to(tl.int64) * tl.num_programs(2) + pid_bh) * NG * HEAD_DIM \
