@@ -103,8 +103,9 @@ def kernel_specs(dtype, D, pad=True):
         bm, bn, w, st = bwd["dkv_global"]
         types = {"Q": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "SCALARS": acc, "DO": t, "LSE": acc,
                  "DELTA": acc, "O": t, "O_RES": t, "DKG_PART": acc, "DVG_PART": acc}
-        # bidirectional: delta computed here (one block of r = 32 vectors); causal: read
-        const = dict(flags, DELTA_HERE=not causal, HAS_RES=dtype in HALF_DTYPES, BLOCK_M=bm, BLOCK_G=bn)
+        # bidirectional: delta computed here where it fits (one block of r = 32 vectors); causal: read
+        const = dict(flags, DELTA_HERE=not causal and launch.delta_fits(D, dtype), HAS_RES=dtype in HALF_DTYPES,
+                     BLOCK_M=bm, BLOCK_G=bn)
         specs.append((f"_ls_bwd_dkv_global_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_global_kernel, types, const, w, st))
     types = {"DKG_PART": acc, "DVG_PART": acc, "KRAW": acc, "VRAW": acc, "LNW": acc, "SCALARS": acc, "DK_RAW": acc,
              "DV_RAW": acc, "COL_DOT": acc, "DLNW_PART": acc, "DLNB_PART": acc, **_split_types(dtype, acc)}

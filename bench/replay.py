@@ -188,7 +188,7 @@ def runs(pc):
 
     # backward: delta, dKg/dVg (+ combine with the LN_G backward), projection backward, dK/dV, dQ
     tiles = launch.bwd_config(D, dtype)
-    delta_here = launch.delta_in_dkv_global(cfg, NG, tiles)
+    delta_here = launch.delta_in_dkv_global(cfg, NG, tiles, D, dtype)
     if not delta_here:  # dO, o, its residual in; delta out
         add("_ls_bwd_delta_kernel", "backward", {}, [], np.zeros((_cdiv(N, rows), 0), int), [],
             rows * (3 * row + ACC_BYTES), [], BH * N * (3 * row + ACC_BYTES))
@@ -214,7 +214,7 @@ def runs(pc):
     # q, dO, logsumexp and delta; k, v (read twice, the second time from L2) and their LN_L statistics;
     # LN_L(k), LN_L(v) written; dk, dv
     dkv_dram = 2 * qkv + 2 * BH * N * ACC_BYTES + 2 * qkv + 4 * BH * N * ACC_BYTES + 2 * qkv + 2 * qkv
-    dkv_program = t.block_n * (10 * row + 4 * ACC_BYTES) + 2 * acc_row
+    dkv_program = t.block_n * (8 * row + 4 * ACC_BYTES) + 2 * acc_row
     # dKraw, dVraw (a high and a low part in the inputs' dtype), logsumexp, col_dot of one rank column
     proj_rank_bytes = 4 * row + 2 * ACC_BYTES
     if not projection.runs_in_kernel(pc.causal, D):  # the projection backward's own kernel; dK/dV reads its gradients

@@ -1,6 +1,6 @@
 """Launchers of the attention kernels: default tiles, the forward (projection and LN_L pre-passes, then the
-fused kernel) and the backward (delta, dKg/dVg, LN_G, projection backward, window dK/dV, dQ). Deterministic:
-no atomics.
+fused kernel) and the backward (delta, by a pre-pass or inside dKg/dVg; dKg/dVg with LN_G; the projection
+backward, by its own kernel or inside dK/dV; window dK/dV; dQ). Deterministic: no atomics.
 
 ``forward`` and ``backward`` serve both entry points: ``ls_attention`` (the projection computed here from
 ``proj``, with LN_L and LN_G) and ``ls_attention_projected`` (projected keys and values given, no LN).
@@ -282,10 +282,16 @@ class GlobalGrads(NamedTuple):
     ln_bias: Optional[torch.Tensor]
 
 
-def delta_in_dkv_global(cfg, NG, tiles):
+def delta_fits(D, dtype):
+    """Whether _ls_bwd_dkv_global_kernel computing delta compiles without spills on sm_90a at its default
+    tiles (bench/aot_report.py): not with fp32's IEEE dots beyond D 64 (their operands held in registers)."""
+    return not (dtype == torch.float32 and D > 64)
+
+
+def delta_in_dkv_global(cfg, NG, tiles, D, dtype):
     """Whether _ls_bwd_dkv_global_kernel computes delta (no pre-pass): bidirectional (every query sees the
-    projected vectors) with one block of them, so that one program visits each query."""
-    return NG > 0 and not cfg.causal and block_g(NG, tiles["dkv_global"].block_n) >= NG
+    projected vectors) with one block of them, so that one program visits each query, where it fits."""
+    return NG > 0 and not cfg.causal and block_g(NG, tiles["dkv_global"].block_n) >= NG and delta_fits(D, dtype)
 
 
 def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, offsets, scalars, ln_global, tiles,
@@ -398,7 +404,7 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, 
     gvis = gvis_int8(pad, B, Nk, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device, given=gvis)
     tiles = bwd_config(D, q.dtype, gpu_tiles)
     where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, offsets=offsets, scalars=scalars)
-    delta_here = delta_in_dkv_global(cfg, NG, tiles)
+    delta_here = delta_in_dkv_global(cfg, NG, tiles, D, q.dtype)
     delta = torch.empty(B, H, N, dtype=acc, device=q.device) if delta_here else \
         _delta(o, o_res, do, pad8=pad8, stride_pad=stride_pad, q_off=offsets[0], acc=acc)
 
