@@ -38,9 +38,10 @@ import perf_model  # noqa: E402
 import replay  # noqa: E402
 import torch  # noqa: E402
 from aot_report import CUOBJDUMP, TL_TYPES, compile_kernel, kernel_specs, resource_usage  # noqa: E402
+from ls_kernels.config import LSConfig  # noqa: E402
 from ls_kernels.triton_backend.args import block_d  # noqa: E402
 from ls_kernels.triton_backend import projection as prj  # noqa: E402
-from ls_kernels.triton_backend.launch import fwd_config  # noqa: E402
+from ls_kernels.triton_backend.launch import NARROW_BLOCK_N, fwd_config  # noqa: E402
 
 ARCH = 90
 # H100 (sm_90): per SM
@@ -80,12 +81,20 @@ def _plain_fwd_kernel(Q, K, V, O, N, qk_scale,
     tl.store(O + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-def plain_spec(dtype, D):
-    """(label, fn, types, constexprs, warps, stages) of the plain forward at the long-short forward's tiles."""
-    tiles = fwd_config(D, dtype, gpu_tiles=True)
+def plain_spec(dtype, D, window_span=0):
+    """(label, fn, types, constexprs, warps, stages) of the plain forward at the long-short forward's tiles
+    (for windows of window_span keys)."""
+    tiles = fwd_config(D, dtype, gpu_tiles=True, window_span=window_span)
     t = TL_TYPES[dtype]
-    return ("_plain_fwd_kernel", _plain_fwd_kernel, {"Q": t, "K": t, "V": t, "O": t},
+    label = "_plain_fwd_kernel" if window_span == 0 else "_plain_fwd_kernel[narrow]"
+    return (label, _plain_fwd_kernel, {"Q": t, "K": t, "V": t, "O": t},
             dict(HEAD_DIM=block_d(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n), tiles.num_warps, tiles.num_stages)
+
+
+def plain_specs(dtype, D):
+    """plain_spec at the default tiles, and at the narrow tiles of small windows where they differ."""
+    wide, narrow = plain_spec(dtype, D), plain_spec(dtype, D, window_span=NARROW_BLOCK_N)
+    return [wide] + ([narrow] if narrow[3] != wide[3] else [])
 
 
 def sass(compiled):
@@ -125,7 +134,7 @@ def kernel_rows(dtypes, dims, dump=None):
     rows = []
     for dtype in dtypes:
         for D in dims:
-            for label, fn, types, const, warps, stages in [*kernel_specs(dtype, D), plain_spec(dtype, D)]:
+            for label, fn, types, const, warps, stages in [*kernel_specs(dtype, D), *plain_specs(dtype, D)]:
                 compiled = compile_kernel(fn, types, const, warps, stages, ARCH)
                 regs, spills = resource_usage(compiled)
                 text = sass(compiled)
@@ -293,8 +302,12 @@ def main(argv=None):
         os.makedirs(a.dump, exist_ok=True)
     results = config_rows(configs)
     calibration = plain_calibration()
-    for r in results:
-        r["plain_loop_instructions"] = calibration["loop_instructions"]
+    for r in results:  # the yardstick at the tiles of the configuration's forward
+        pc = perf_model.CONFIGS[r["config"]]
+        span = LSConfig(window=pc.window, causal=pc.causal, chunk=pc.chunk, rank=pc.rank, scale=1.0).window_span
+        _, fn, types, const, warps, stages = plain_spec(perf_model.DTYPES[pc.dtype], pc.dim, window_span=span)
+        (body,) = loops(sass(compile_kernel(fn, types, const, warps, stages, ARCH)))
+        r["plain_loop_instructions"] = body["instructions"]
     rows = kernel_rows(dtypes, dims, a.dump) if a.dump or not a.json else []
     if a.json:
         print(json.dumps(results, default=lambda x: x.item()))  # numpy scalars as Python numbers

@@ -247,8 +247,11 @@ def _ls_bwd_dkv_kernel(
         dk = _layer_norm_rows_bwd(dk * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
         dv = _layer_norm_rows_bwd(dv * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
     if SRC_MODE == 2:  # gradients of raw k, v through the projection
-        k_raw = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)
-        v_raw = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
+        if PROJ_BWD:  # the rows it read
+            k_raw = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)
+            v_raw = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
+        else:  # (unread: its gradients come from DK_SRC, DV_SRC)
+            k_raw, v_raw = k, v
         dk, dv = _add_projection_grads(dk, dv, k_raw, v_raw, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b,
                                        off_h, stride_pb, stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO,
                                        COL_DOT, DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN,
