@@ -21,6 +21,9 @@ PRECISION = "tf32x3"
 # warps (the walk is one program's critical path: more warps, fewer instructions each)
 COMBINE_BLOCK_R = 16
 COMBINE_WARPS = 8
+_MIN_BLOCK_R = 16  # tl.dot's smallest dimension
+# the largest head dim at which the dK/dV kernel runs the bidirectional projection backward (runs_in_kernel)
+_IN_KERNEL_MAX_DIM = 64
 
 
 class Projected(NamedTuple):
@@ -41,11 +44,6 @@ def proj_config(D, r):
     normalises the rows again), zero spills on sm_80 and sm_90a."""
     BLOCK_R = max(_MIN_BLOCK_R, min(64 if D <= 64 else 16, next_pow2(r)))
     return 16, BLOCK_R
-
-
-_MIN_BLOCK_R = 16  # tl.dot's smallest dimension
-# the largest head dim at which the dK/dV kernel runs the bidirectional projection backward (runs_in_kernel)
-_IN_KERNEL_MAX_DIM = 64
 
 
 def proj_bwd_config(D, r, seg_len, dtype):
