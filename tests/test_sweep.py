@@ -131,9 +131,17 @@ def test_traffic_counter_table():
         total, minimum, ratio = float(r[2]), float(r[3]), float(r[4])
         assert minimum > 0 and total >= minimum and ratio == pytest.approx(total / minimum, abs=0.01)
     assert "ls_fwd_kernel" in rows[0][5] and "ls_bwd_dq_kernel" in rows[1][5]
-    # rowsum(dO * O) runs in a kernel: per token it reads dO in fp16 and the fp32 output for H = 2 heads of
-    # D = 32 and writes delta: 2 * (32 * (2 + 4) + 4) bytes
-    assert f"ls_bwd_delta_kernel {2 * (32 * (2 + 4) + 4)}" in rows[1][5]
+    # rowsum(dO * O) runs inside the projected vectors' kernel here (bidirectional, one block of r = 32
+    # vectors: each query visited by one program), with no pre-pass
+    assert "ls_bwd_delta_kernel" not in rows[1][5] and "ls_bwd_dkv_global_kernel" in rows[1][5]
+
+
+def test_traffic_counter_delta_prepass():
+    """Causal (many blocks of projected vectors): delta = rowsum(dO * O) by its pre-pass, which per token reads
+    dO, the output and its rounding residual in fp16 for H = 8 heads of D = 64 and writes delta (fp32)."""
+    res = run("traffic.py", "--preset", "charlm", "--seqlen", "64")
+    backward = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| charlm | backward")]
+    assert f"ls_bwd_delta_kernel {8 * (64 * (2 + 2 + 2) + 4)}" in backward[0][5]
     # the PyTorch glue is counted apart: sums of per-block partials, at most 10% of the minimum
     glue, glue_ratio = float(rows[1][6]), float(rows[1][7])
     assert 0 < glue and glue_ratio <= 0.10 and glue_ratio == pytest.approx(glue / float(rows[1][3]), abs=0.01)
