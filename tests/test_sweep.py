@@ -134,6 +134,9 @@ def test_traffic_counter_table():
     # rowsum(dO * O) runs inside the projected vectors' kernel here (bidirectional, one block of r = 32
     # vectors: each query visited by one program), with no pre-pass
     assert "ls_bwd_delta_kernel" not in rows[1][5] and "ls_bwd_dkv_global_kernel" in rows[1][5]
+    # the PyTorch glue is counted apart: sums of per-block partials, at most 10% of the minimum
+    glue, glue_ratio = float(rows[1][6]), float(rows[1][7])
+    assert 0 < glue and glue_ratio <= 0.10 and glue_ratio == pytest.approx(glue / float(rows[1][3]), abs=0.01)
 
 
 def test_traffic_counter_delta_prepass():
@@ -142,6 +145,3 @@ def test_traffic_counter_delta_prepass():
     res = run("traffic.py", "--preset", "charlm", "--seqlen", "64")
     backward = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| charlm | backward")]
     assert f"ls_bwd_delta_kernel {8 * (64 * (2 + 2 + 2) + 4)}" in backward[0][5]
-    # the PyTorch glue is counted apart: sums of per-block partials, at most 10% of the minimum
-    glue, glue_ratio = float(rows[1][6]), float(rows[1][7])
-    assert 0 < glue and glue_ratio <= 0.10 and glue_ratio == pytest.approx(glue / float(rows[1][3]), abs=0.01)
