@@ -273,10 +273,11 @@ def _dq(q, kw, vw, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, of
 
 class GlobalGrads(NamedTuple):
     """_dkv_global's results: dk_raw, dv_raw (B, H, NG, D), the gradients of the projected vectors before LN_G
-    (of kg, vg themselves without it) in the accumulation dtype; raw, the same as the projection backward reads
-    them (RawGrads, when the projection ran here, else None); the LN_G weight and bias gradients (or None)."""
-    dk_raw: torch.Tensor
-    dv_raw: torch.Tensor
+    (of kg, vg themselves without it) in the accumulation dtype (None where only split); raw, the same as the
+    projection backward reads them (RawGrads, when the projection ran here, else None); the LN_G weight and
+    bias gradients (or None)."""
+    dk_raw: Optional[torch.Tensor]
+    dv_raw: Optional[torch.Tensor]
     raw: Optional[RawGrads]
     ln_weight: Optional[torch.Tensor]
     ln_bias: Optional[torch.Tensor]
@@ -323,19 +324,23 @@ def _dkv_global(q, do, lse, delta, *, cfg, projected, gvis, pad8, stride_pad, of
     )
     has_col_dot = projected.k_raw.shape[2] == NG  # the projection ran here: its backward follows
     lnw, _, stride_lnh = ln_params(ln_global, H, D, acc, q.device)
-    dk_raw = torch.empty(B, H, NG, D, dtype=acc, device=q.device)
-    dv_raw = torch.empty_like(dk_raw)
     col_dot = torch.empty(B, H, NG, dtype=acc, device=q.device) if has_col_dot else absent(q.device)
     split = has_col_dot and q.dtype in HALF_DTYPES  # the projection backward's dots read a high and a low part
-    hi_lo = [torch.empty(B, H, NG, D, dtype=q.dtype, device=q.device) for _ in range(4)] if split \
-        else [dk_raw, dk_raw, dv_raw, dv_raw]
+    if split:  # the gradients stored only split
+        dk_raw = dv_raw = None
+        hi_lo = [torch.empty(B, H, NG, D, dtype=q.dtype, device=q.device) for _ in range(4)]
+    else:
+        dk_raw = torch.empty(B, H, NG, D, dtype=acc, device=q.device)
+        dv_raw = torch.empty_like(dk_raw)
+        hi_lo = [dk_raw, dk_raw, dv_raw, dv_raw]
     raw = RawGrads(*hi_lo, col_dot=col_dot, split=split) if has_col_dot else None
     n_rows = triton.cdiv(NG, COMBINE_ROWS)
     dlnw_part = torch.empty(B, H, n_rows, D, dtype=acc, device=q.device) if ln_global is not None else None
     dlnb_part = torch.empty_like(dlnw_part) if ln_global is not None else None
     _ls_bwd_dkv_global_combine_kernel[(n_rows, B * H)](
         dkg_part, dvg_part, projected.k_raw if has_col_dot else absent(q.device),
-        projected.v_raw if has_col_dot else absent(q.device), lnw, scalars, dk_raw, dv_raw, *hi_lo, col_dot,
+        projected.v_raw if has_col_dot else absent(q.device), lnw, scalars,
+        *((dk_raw, dv_raw) if not split else (absent(q.device),) * 2), *hi_lo, col_dot,
         dlnw_part if dlnw_part is not None else absent(q.device),
         dlnb_part if dlnb_part is not None else absent(q.device),
         n_split, NG, stride_lnh, H,

@@ -347,7 +347,7 @@ def _ls_bwd_dkv_global_combine_kernel(
     LNW,  # [H or 1, HEAD_DIM]: LN_G weight
     SCALARS,  # [4]: _load_scalars
     DK_RAW, DV_RAW,  # [B, H, NG, HEAD_DIM] contiguous: gradients before LN_G (of kg, vg themselves without it)
-    DK_HI, DK_LO, DV_HI, DV_LO,  # [B, H, NG, HEAD_DIM] contiguous, the inputs' dtype: DK_RAW split (SPLIT)
+    DK_HI, DK_LO, DV_HI, DV_LO,  # [B, H, NG, HEAD_DIM] contiguous, the inputs' dtype: the same, split (SPLIT)
     COL_DOT,  # [B, H, NG]: Kraw . dKraw + Vraw . dVraw per vector (HAS_COL_DOT)
     DLNW_PART, DLNB_PART,  # [B, H, n_g_blocks, HEAD_DIM]: LN_G weight and bias gradients per block of vectors
     N_SPLIT, NG, stride_lnh, H,
@@ -355,9 +355,10 @@ def _ls_bwd_dkv_global_combine_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The splits' partial dKg, dVg of a block of projected vectors summed in a fixed order, then the LN_G
-    backward, the per-vector dot the projection backward needs, and per-block LN_G parameter gradients. SPLIT
-    (fp16/bf16 inputs): the gradients also stored as a high part rounded to the inputs' dtype and the rounded
-    rest, as the projection backward's dots read them (_proj_rows_bwd)."""
+    backward, the per-vector dot the projection backward needs, and per-block LN_G parameter gradients. The
+    gradients are stored in DK_RAW, DV_RAW or, with SPLIT (fp16/bf16 inputs, the projection backward follows),
+    only as a high part rounded to the inputs' dtype and the rounded rest, as its dots read them
+    (_proj_rows_bwd)."""
     pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     offs_g, mask_g = _tile(pid_g * BLOCK_G, BLOCK_G, NG)
     offs_d, mask_d = _tile(0, BLOCK_D, HEAD_DIM)
@@ -381,8 +382,6 @@ def _ls_bwd_dkv_global_combine_kernel(
         tl.store(DLNB_PART + part, tl.sum(dkg + dvg, axis=0), mask=mask_d)
         dkg = _layer_norm_rows_bwd(dkg * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
         dvg = _layer_norm_rows_bwd(dvg * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
-    tl.store(DK_RAW + rows, dkg, mask=mask_gd)
-    tl.store(DV_RAW + rows, dvg, mask=mask_gd)
     if SPLIT:
         dk_hi = dkg.to(DK_HI.dtype.element_ty)
         dv_hi = dvg.to(DV_HI.dtype.element_ty)
@@ -390,6 +389,9 @@ def _ls_bwd_dkv_global_combine_kernel(
         tl.store(DV_HI + rows, dv_hi, mask=mask_gd)
         tl.store(DK_LO + rows, (dkg - dk_hi.to(tl.float32)).to(DK_LO.dtype.element_ty), mask=mask_gd)
         tl.store(DV_LO + rows, (dvg - dv_hi.to(tl.float32)).to(DV_LO.dtype.element_ty), mask=mask_gd)
+    else:
+        tl.store(DK_RAW + rows, dkg, mask=mask_gd)
+        tl.store(DV_RAW + rows, dvg, mask=mask_gd)
     if HAS_COL_DOT:
         if not HAS_LN:
             k_raw = tl.load(KRAW + rows, mask=mask_gd, other=0.0)
