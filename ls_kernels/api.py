@@ -1,4 +1,5 @@
-"""The public functions: ``ls_attention``, ``ls_attention_projected``, ``dynamic_projection``.
+"""The public functions: ``ls_attention``, ``ls_attention_projected``, ``dynamic_projection``, ``ls_decode``,
+and the two-dimensional ``ls_attention_2d``, ``ls_attention_2d_projected`` (vision).
 
 Each validates its arguments (``checks``), then takes one route: the Triton ops (CUDA, or the interpreter),
 the blocked PyTorch path under plain autograd (eager mode), or the blocked ops (while torch.compile traces,
@@ -15,8 +16,8 @@ the attention of ``ls_attention`` with those steps taken out, on the same kernel
 import torch
 
 from . import ops, torch_backend
-from .checks import (check_attention, check_decode, check_dynamic_projection, check_projected_attention,
-                     use_triton)
+from .checks import (check_attention, check_attention_2d, check_decode, check_dynamic_projection,
+                     check_projected_attention, check_projected_attention_2d, use_triton)
 from .common import layer_norm, zero_padded_unless_finite
 from .config import acc_dtype
 
@@ -159,6 +160,69 @@ def dynamic_projection(proj, k, v, *, causal=False, chunk=16, key_padding_mask=N
             k, v = (zero_padded_unless_finite(x, pad) for x in (k, v))
         kg, vg, _ = torch_backend.project(proj, k, v, pad, causal=causal, chunk=int(chunk))
     return kg, vg
+
+
+def ls_attention_2d(q, k, v, proj=None, *, grid, window, global_k=None, global_v=None, rel_pos_bias=None,
+                    ln_local=None, ln_global=None, project_after_ln=True, key_padding_mask=None, scale=None, eps=1e-5,
+                    backend="auto"):
+    """Two-dimensional long-short attention (the vision layer of Transformer-LS, ViL-LS): each patch token
+    attends, under one softmax, to the keys around its w x w patch, to r keys projected from the whole grid
+    and to G global keys (e.g. a CLS token's).
+
+    Args:
+        q, k, v: (B, H, N, D) the patch tokens' queries, keys and values, N = nx * ny, row-major over the
+            grid (token i * ny + j at row i, column j); one dtype, any strides.
+        proj: (B, H, N, r) dynamic-projection logits (a softmax over all N positions), or None.
+        grid: (nx, ny).
+        window: w >= 0: queries are grouped in w x w patches (the last patch row and column clipped when w
+            does not divide nx or ny), each seeing the keys of the (w + 2s) x (w + 2s) neighbourhood centred on
+            it, s = max(w // 2, 1), clipped to the grid; 0 = no window.
+        global_k, global_v: (B, H, G, D) keys and values every query sees (normalised by ``ln_local`` like the
+            window keys, never projected), or None.
+        rel_pos_bias: (rows, H) the official relative-position bias table of patch side w (rows =
+            2 (w + p - 1)(w + 2p + 1) + 1, p = w // 2; w >= 2), added to the window scores only: a query dr
+            rows and dc columns after its key adds table[(dr + c)(w + 2p) + dc + c, h], c = w + p - 1.
+        ln_local, ln_global: (weight, bias) of LN_L and LN_G, each (D,) or (H, D), or None.
+        project_after_ln: the projection reads LN_L(k), LN_L(v) (True, the official vision code) or raw k, v.
+        key_padding_mask: (B, N) bool, True = padding: padded tokens are never attended to or projected and
+            their output rows are zero.
+        scale: score scale, default 1 / sqrt(D).
+        eps: LayerNorm epsilon.
+        backend: "auto" or "torch" (the blocked PyTorch path); "triton" raises ValueError (no two-dimensional
+            kernels).
+
+    Returns:
+        (B, H, N, D) in q's dtype, differentiable w.r.t. every tensor argument (the bias table included).
+    """
+    cfg, _ = check_attention_2d(q, k, v, proj, grid=grid, window=window, global_k=global_k, global_v=global_v,
+                                rel_pos_bias=rel_pos_bias, ln_local=ln_local, ln_global=ln_global,
+                                project_after_ln=project_after_ln, key_padding_mask=key_padding_mask, scale=scale,
+                                eps=eps, backend=backend)
+    lnl = ln_local if ln_local is not None else (None, None)
+    lng = ln_global if ln_global is not None else (None, None)
+    if q.numel() == 0:
+        return _empty_output(q, (q, k, v, proj, global_k, global_v, rel_pos_bias, *lnl, *lng))
+    with ops.no_autocast(q):
+        return torch_backend.attention_2d(q, k, v, cfg=cfg, proj=proj, global_k=global_k, global_v=global_v,
+                                          rel_pos_bias=rel_pos_bias, ln_local=ln_local, ln_global=ln_global,
+                                          pad=key_padding_mask)
+
+
+def ls_attention_2d_projected(q, k, v, k_proj=None, v_proj=None, *, grid, window, global_k=None, global_v=None,
+                              rel_pos_bias=None, key_padding_mask=None, scale=None, backend="auto"):
+    """``ls_attention_2d`` against projected keys and values given by the caller, with no LayerNorm: the
+    window keys ``k``, ``v``, the global keys and ``k_proj``, ``v_proj`` (B, H, r, D) are used as given (a
+    layer normalising over the whole model dim, as the official ViL-LS layer does, composes
+    ``dynamic_projection``, its LayerNorms and this). Other arguments and the result as ``ls_attention_2d``.
+    """
+    cfg, _ = check_projected_attention_2d(q, k, v, k_proj, v_proj, grid=grid, window=window, global_k=global_k,
+                                          global_v=global_v, rel_pos_bias=rel_pos_bias,
+                                          key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+    if q.numel() == 0:
+        return _empty_output(q, (q, k, v, k_proj, v_proj, global_k, global_v, rel_pos_bias))
+    with ops.no_autocast(q):
+        return torch_backend.attention_2d(q, k, v, cfg=cfg, kg=k_proj, vg=v_proj, global_k=global_k,
+                                          global_v=global_v, rel_pos_bias=rel_pos_bias, pad=key_padding_mask)
 
 
 def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=None, project_after_ln=False,

@@ -1,5 +1,6 @@
-"""Host-side tensor rules both backends share: LayerNorm over D, the softmax over visible entries, which
-projected vectors a padding mask leaves visible, and how padded rows are neutralised."""
+"""Host-side tensor rules both backends and the layers share: LayerNorm over D (and the layers' LayerNorm over
+the model dim), the softmax over visible entries, which projected vectors a padding mask leaves visible, and
+how padded rows are neutralised."""
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +17,28 @@ def layer_norm(x, ln, eps):
         return F.layer_norm(x, (D,), weight.to(x.dtype), bias.to(x.dtype), eps=eps)
     shape = (1, weight.shape[0]) + (1,) * (x.dim() - 3) + (D,)
     return F.layer_norm(x, (D,), eps=eps) * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
+
+
+def model_layer_norm(x, ln, eps):
+    """LayerNorm over the last dim E of x (..., E) with ln = (weight, bias) of (E,), statistics in fp32 (fp64
+    for fp64), under no autocast: the official code's LayerNorm(H * D) on the keys and values before the head
+    split."""
+    w, b = ln
+    acc = acc_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x.to(acc), (x.shape[-1],), w.to(acc), b.to(acc), eps)
+
+
+def merged_heads_layer_norm(t, ln, eps):
+    """LayerNorm with ln = (weight, bias) of (E,) over the E = H * D channels of each position of t (B, H, G, D):
+    the official LayerNorm(E) of the heads merged, computed in place of the merge (fp32 statistics)."""
+    w, b = ln
+    acc = acc_dtype(t.dtype)
+    shape = (1, t.shape[1], 1, t.shape[3])
+    t = t.to(acc)
+    mean = t.mean(dim=(1, 3), keepdim=True)
+    var = (t - mean).square().mean(dim=(1, 3), keepdim=True)
+    return (t - mean) * torch.rsqrt(var + eps) * w.to(acc).view(shape) + b.to(acc).view(shape)
 
 
 def masked_softmax(x, visible, dim):

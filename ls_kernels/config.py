@@ -16,6 +16,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128  # the Triton kernels' largest head dim
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+LAYER_LN_EPS = 1e-5  # the layers' LayerNorm epsilon (nn.LayerNorm's default, as the official layers use)
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,57 @@ def default_scale(D):
 def acc_dtype(dtype):
     """Accumulation dtype of statistics and products: fp64 for fp64 inputs, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- two-dimensional windows
+
+
+@dataclass(frozen=True)
+class LS2DConfig:
+    """What one two-dimensional call computes (README "Vision: two-dimensional windows").
+
+    grid: (nx, ny), the patch tokens row-major (token i * ny + j at row i, column j); window: w >= 0, the
+    side of the w x w query patches (0: no window), each seeing the (w + 2s) x (w + 2s) keys around it
+    (s = half_width) clipped to the grid; rank: r projected vectors (softmax over all grid positions), 0 for
+    none; num_global: G global keys seen by every query; has_bias: a relative-position bias table is added to
+    the window scores; scale, eps, project_after_ln: as LSConfig's.
+    """
+    grid: tuple
+    window: int
+    rank: int
+    num_global: int
+    has_bias: bool
+    scale: float
+    eps: float = 1e-5
+    project_after_ln: bool = True
+
+    @property
+    def half_width(self):
+        return half_width(self.window)
+
+    @property
+    def span(self):
+        """Side of the neighbourhood a patch sees: w + 2s (0 without a window)."""
+        return self.window + 2 * self.half_width if self.window > 0 else 0
+
+    @property
+    def patches(self):
+        """(patch rows, patch columns): the grid cut into w x w patches, the last ones clipped."""
+        nx, ny = self.grid
+        return -(-nx // self.window), -(-ny // self.window)
+
+
+def rel_pos_rows(window):
+    """Rows of the relative-position bias table of patch side w (the official ViL-LS layout, one column per
+    head): 2 (w + p - 1)(w + 2p + 1) + 1, p = w // 2."""
+    p = window // 2
+    return 2 * (window + p - 1) * (window + 2 * p + 1) + 1
+
+
+def rel_pos_index(window, d_row, d_col):
+    """The table row of a window score whose query lies d_row rows and d_col columns after its key (tensors or
+    ints; the official index: (d_row + c)(w + 2p) + d_col + c, c = w + p - 1, p = w // 2). Defined for
+    |d_row|, |d_col| <= c, which every visible pair satisfies when w >= 2 (then s = p)."""
+    p = window // 2
+    c = window + p - 1
+    return (d_row + c) * (window + 2 * p) + d_col + c

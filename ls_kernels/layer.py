@@ -1,7 +1,6 @@
 """``LongShortAttention``: the Transformer-LS attention layer (Q/K/V/output projections,
 dynamic projection, DualLN) around the long-short attention op."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .api import decode_tokens, dynamic_projection, ls_attention, ls_attention_projected
@@ -9,10 +8,9 @@ from .distributed import cp_attention
 from .cache import LSCache
 from .checks import (check_cache_fits, check_layer_args, check_layer_cache, check_layer_input, check_layer_sharded,
                      check_official_lra, check_official_lra_dconv, use_triton)
-from .common import layer_norm
-from .config import LSConfig, acc_dtype, default_scale
+from .common import layer_norm, merged_heads_layer_norm, model_layer_norm
+from .config import LAYER_LN_EPS, LSConfig, acc_dtype, default_scale
 
-_LN_EPS = 1e-5
 # official LRA AttentionLS parameters (NVIDIA/transformer-ls, lra/attention_transformer_ls.py) -> this layer's
 _OFFICIAL_LRA = {
     "W_q": "q_proj", "W_k": "k_proj", "W_v": "v_proj", "W_o": "out_proj", "dconv_fc": "dproj",
@@ -122,22 +120,12 @@ class LongShortAttention(nn.Module):
         return None if w is None else (w, getattr(self, side + "_bias"))
 
     def _ln_model(self, x, side):
-        """LayerNorm over the last dim E of x (..., E), statistics in fp32 (fp64 for fp64)."""
-        w, b = self._ln(side)
-        acc = acc_dtype(x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(acc), (self.embed_dim,), w.to(acc), b.to(acc), _LN_EPS)
+        """LayerNorm `side` over the last dim E of x (..., E), statistics in fp32 (fp64 for fp64)."""
+        return model_layer_norm(x, self._ln(side), LAYER_LN_EPS)
 
     def _ln_merged_heads(self, t, side="ln_global"):
-        """LayerNorm `side` over the E = H * D channels of each position of t (B, H, G, D): the official
-        LayerNorm(E) of the heads merged, computed in place of the merge (fp32 statistics)."""
-        w, b = self._ln(side)
-        acc = acc_dtype(t.dtype)
-        shape = (1, self.num_heads, 1, self.head_dim)
-        t = t.to(acc)
-        mean = t.mean(dim=(1, 3), keepdim=True)
-        var = (t - mean).square().mean(dim=(1, 3), keepdim=True)
-        return (t - mean) * torch.rsqrt(var + _LN_EPS) * w.to(acc).view(shape) + b.to(acc).view(shape)
+        """LayerNorm `side` over the E = H * D channels of each position of t (B, H, G, D)."""
+        return merged_heads_layer_norm(t, self._ln(side), LAYER_LN_EPS)
 
     def init_cache(self, batch_size, *, device=None, dtype=None):
         """An empty decoding cache (``LSCache``) of this causal layer for ``batch_size`` sequences, on the
@@ -177,7 +165,7 @@ class LongShortAttention(nn.Module):
                 k_loc, v_loc = heads(self._ln_model(k, "ln_local")), heads(self._ln_model(v, "ln_local"))
             else:  # per head (or none), statistics in fp32
                 ln = self._ln("ln_local")
-                k_loc, v_loc = (layer_norm(heads(t).to(acc_dtype(t.dtype)), ln, _LN_EPS) for t in (k, v))
+                k_loc, v_loc = (layer_norm(heads(t).to(acc_dtype(t.dtype)), ln, LAYER_LN_EPS) for t in (k, v))
             kg = vg = None
             if r > 0:
                 src = (k_loc, v_loc) if self.project_after_ln else (heads(k), heads(v))
@@ -187,7 +175,7 @@ class LongShortAttention(nn.Module):
                     kg, vg = self._ln_merged_heads(kg), self._ln_merged_heads(vg)
                 else:
                     ln = self._ln("ln_global")
-                    kg, vg = layer_norm(kg, ln, _LN_EPS), layer_norm(vg, ln, _LN_EPS)
+                    kg, vg = layer_norm(kg, ln, LAYER_LN_EPS), layer_norm(vg, ln, LAYER_LN_EPS)
             o = ls_attention_projected(q, k_loc.to(q.dtype), v_loc.to(q.dtype), kg, vg, dropout_p=p, **common)
         else:
             o = ls_attention(q, heads(k), heads(v), proj, ln_local=self._ln("ln_local"),
@@ -200,7 +188,7 @@ class LongShortAttention(nn.Module):
         sides = ("ln_local", "ln_global")
         if self.dual_ln == "model":  # LayerNorm(E) over each position's merged heads
             return {side: (lambda t, side=side: self._ln_merged_heads(t, side)) for side in sides}
-        return {side: (lambda t, side=side: layer_norm(t, self._ln(side), _LN_EPS)) for side in sides}
+        return {side: (lambda t, side=side: layer_norm(t, self._ln(side), LAYER_LN_EPS)) for side in sides}
 
     def _heads_and_settings(self, x):
         """(q, k, v (B, H, T, D), proj (B, H, T, r) or None, LSConfig, LN_L and LN_G functions) of x (B, T, E)
@@ -210,7 +198,7 @@ class LongShortAttention(nn.Module):
         q, k, v = (f(x).reshape(B, T, H, D).transpose(1, 2) for f in (self.q_proj, self.k_proj, self.v_proj))
         proj = self.dproj(x).reshape(B, T, H, r).transpose(1, 2) if r > 0 else None
         cfg = LSConfig(window=self.window, causal=self.causal, chunk=self.chunk, rank=r, scale=default_scale(D),
-                       eps=_LN_EPS, project_after_ln=self.project_after_ln)
+                       eps=LAYER_LN_EPS, project_after_ln=self.project_after_ln)
         return q, k, v, proj, cfg, self._norms()
 
     def _merge_heads(self, o):

@@ -118,3 +118,85 @@ def ls_attention_ref(q, k, v, proj=None, *, window, causal=False, chunk=16,
     out = (probs.to(mm) @ values.to(mm)).to(acc)
     out = out.masked_fill(pad[:, None, Nk - N:, None], 0.0)
     return out.to(out_dtype)
+
+
+def window_mask_2d(grid, w, device=None):
+    """(N, N) bool, N = nx * ny row-major, [query, key]: the key lies in the (w + 2s) x (w + 2s)
+    neighbourhood of the query's w x w patch, s = max(w // 2, 1). w = 0: no window."""
+    nx, ny = grid
+    i = torch.arange(nx * ny, device=device)
+    row, col = i // ny, i % ny
+    if w == 0:
+        return torch.zeros(nx * ny, nx * ny, dtype=torch.bool, device=device)
+    s = max(w // 2, 1)
+
+    def near(x):  # [query, key]: within the patch's span along one axis
+        start = (x // w * w)[:, None]
+        return (x[None, :] >= start - s) & (x[None, :] < start + w + s)
+
+    return near(row) & near(col)
+
+
+def rel_pos_bias_2d(table, grid, w):
+    """(H, N, N): table[(dr + c) * (w + 2p) + dc + c, h] for the query dr rows and dc columns after the key
+    (p = w // 2, c = w + p - 1, the official ViL-LS index); pairs out of its range read row 0 (never
+    visible: the mask hides them)."""
+    nx, ny = grid
+    i = torch.arange(nx * ny, device=table.device)
+    dr = (i // ny)[:, None] - (i // ny)[None, :]
+    dc = (i % ny)[:, None] - (i % ny)[None, :]
+    p = w // 2
+    c = w + p - 1
+    inside = (dr.abs() <= c) & (dc.abs() <= c)
+    index = torch.where(inside, (dr + c) * (w + 2 * p) + dc + c, 0)
+    return table[index].permute(2, 0, 1)
+
+
+def ls_attention_2d_ref(q, k, v, proj=None, *, grid, window, k_proj=None, v_proj=None, global_k=None,
+                        global_v=None, rel_pos_bias=None, ln_local=None, ln_global=None, project_after_ln=True,
+                        key_padding_mask=None, scale=None, eps=1e-5, upcast=True):
+    """Two-dimensional long-short attention, dense. Shapes as ``ls_kernels.ls_attention_2d``.
+
+    q, k, v: (B, H, N, D), N = nx * ny; proj: (B, H, N, r) logits, or the projected keys and values given
+    as k_proj, v_proj (B, H, r, D) (no LN_G applied to them), or neither; global_k, global_v: (B, H, G, D)
+    (LN_L applied here); rel_pos_bias: (rows, H); key_padding_mask: (B, N). One softmax over the projected
+    keys, the window keys (plus the bias) and the global keys. Returns (B, H, N, D) in q's dtype.
+    """
+    B, H, N, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm = acc if upcast else q.dtype
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pad = torch.zeros(B, N, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    k_loc, v_loc = _layer_norm(k.to(acc), ln_local, eps), _layer_norm(v.to(acc), ln_local, eps)
+    k_src, v_src = (k_loc, v_loc) if project_after_ln else (k.to(acc), v.to(acc))
+
+    keys, values, visible, bias = [], [], [], []
+    if proj is not None:
+        r = proj.shape[-1]
+        P = _masked_softmax(proj.to(acc), ~pad[:, None, :, None], dim=2)  # (B, H, N, r), over positions
+        k_proj = _layer_norm(P.transpose(-1, -2) @ k_src, ln_global, eps)
+        v_proj = _layer_norm(P.transpose(-1, -2) @ v_src, ln_global, eps)
+    if k_proj is not None:
+        r = k_proj.shape[2]
+        keys.append(k_proj.to(acc))
+        values.append(v_proj.to(acc))
+        visible.append((~pad).any(1)[:, None, None, None].expand(B, 1, N, r))
+        bias.append(torch.zeros(1, H, N, r, dtype=acc, device=q.device))
+    keys.append(k_loc)
+    values.append(v_loc)
+    visible.append(window_mask_2d(grid, window, q.device)[None, None] & ~pad[:, None, None, :])
+    bias.append(torch.zeros(1, H, N, N, dtype=acc, device=q.device) if rel_pos_bias is None
+                else rel_pos_bias_2d(rel_pos_bias.to(acc), grid, window)[None])
+    if global_k is not None:
+        G = global_k.shape[2]
+        keys.append(_layer_norm(global_k.to(acc), ln_local, eps))
+        values.append(_layer_norm(global_v.to(acc), ln_local, eps))
+        visible.append(torch.ones(B, 1, N, G, dtype=torch.bool, device=q.device))
+        bias.append(torch.zeros(1, H, N, G, dtype=acc, device=q.device))
+
+    keys, values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+    visible, bias = torch.cat(visible, dim=3), torch.cat(bias, dim=3)
+    scores = (q.to(mm) @ keys.to(mm).transpose(-1, -2)).to(acc) * scale + bias
+    probs = _masked_softmax(scores, visible, dim=3)
+    out = (probs.to(mm) @ values.to(mm)).to(acc)
+    return out.masked_fill(pad[:, None, :, None], 0.0).to(q.dtype)

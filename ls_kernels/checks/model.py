@@ -1,11 +1,11 @@
-"""Checks of the layer: its constructor arguments, its input, its decoding cache and process group, and the
-official LRA checkpoint it loads."""
+"""Checks of the layers: their constructor arguments, their input, the decoding cache and process group, and the
+official LRA and vision checkpoints they load."""
 import numbers
 
 import torch
 
 from ..cache import LSCache
-from .attention import _check_backend, _check_bool, _check_int, _check_mask
+from .attention import _check_backend, _check_bool, _check_int, _check_mask, _check_scale
 from .sequence import _right_padded
 
 DUAL_LN = ("head", "model", None)
@@ -102,3 +102,64 @@ def check_layer_sharded(training, dropout):
     if training and dropout > 0:
         raise ValueError(f"process_group: the sharded layer has no attention dropout, but the layer is in "
                          f"training mode with dropout {dropout}; use dropout=0 or layer.eval()")
+
+
+def check_layer_2d_args(embed_dim, num_heads, window, rank, num_global, rel_pos_bias, qkv_bias, scale, backend):
+    """Validate the arguments of ``LongShortAttention2d``; returns embed_dim, num_heads, window, rank, num_global
+    as ints."""
+    embed_dim = _check_int("embed_dim", embed_dim, 1)
+    num_heads = _check_int("num_heads", num_heads, 1)
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+    window, rank = _check_int("window", window, 0), _check_int("rank", rank, 0)
+    num_global = _check_int("num_global", num_global, 0)
+    if window == 0 and rank == 0 and num_global == 0:
+        raise ValueError("window, rank and num_global are all 0: nothing to attend to")
+    _check_bool("rel_pos_bias", rel_pos_bias)
+    if rel_pos_bias and window < 2:
+        raise ValueError(f"rel_pos_bias needs window >= 2, got window = {window} (the official table covers "
+                         "offsets up to w // 2 beyond the patch)")
+    _check_bool("qkv_bias", qkv_bias)
+    _check_scale(scale)
+    _check_backend(backend)
+    return embed_dim, num_heads, window, rank, num_global
+
+
+def check_layer_2d_input(x, embed_dim, weight, grid, num_global):
+    """x of ``LongShortAttention2d.forward``: (B, num_global + nx * ny, embed_dim); returns grid as ints."""
+    check_layer_input(x, embed_dim, weight)
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in grid)):
+        raise ValueError(f"grid must be a pair (nx, ny) of ints >= 1, got {grid!r}")
+    nx, ny = int(grid[0]), int(grid[1])
+    if x.shape[1] != num_global + nx * ny:
+        raise ValueError(f"x must hold num_global + nx * ny = {num_global} + {nx} * {ny} = {num_global + nx * ny} "
+                         f"tokens (the global tokens first), got shape {tuple(x.shape)}")
+    return nx, ny
+
+
+def check_official_vil(state_dict, prefix, num_heads, rank):
+    """The official vision AttentionLS state dict under `prefix`: its keys, its maps' shapes against num_heads
+    and rank. Returns (the state dict with the prefix stripped, E, whether qkv has a bias, whether it has the
+    relative-position bias table)."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str, got {prefix!r}")
+    sd = {key[len(prefix):]: val for key, val in state_dict.items() if key.startswith(prefix)}
+    required = {"qkv.weight", "proj.weight", "proj.bias", "dual_ln_full.weight", "dual_ln_full.bias",
+                "dual_ln_dp.weight", "dual_ln_dp.bias"}
+    if rank > 0:
+        required |= {"to_dynamic_projection.weight", "to_dynamic_projection.bias"}
+    optional = {"qkv.bias", "local_relative_position_bias_table", "relative_position_index"}
+    missing, unexpected = sorted(required - sd.keys()), sorted(sd.keys() - required - optional)
+    if missing or unexpected:
+        raise ValueError(f"state_dict is not that of the official vision AttentionLS with rank {rank} (prefix "
+                         f"{prefix!r}): missing {missing}, unexpected {unexpected}")
+    E = sd["qkv.weight"].shape[1]
+    if tuple(sd["qkv.weight"].shape) != (3 * E, E) or tuple(sd["proj.weight"].shape) != (E, E):
+        raise ValueError(f"qkv.weight must be (3E, E) and proj.weight (E, E), got {tuple(sd['qkv.weight'].shape)} "
+                         f"and {tuple(sd['proj.weight'].shape)}")
+    if rank > 0 and tuple(sd["to_dynamic_projection.weight"].shape) != (num_heads * rank, E):
+        raise ValueError(f"to_dynamic_projection.weight has shape {tuple(sd['to_dynamic_projection.weight'].shape)}"
+                         f", but num_heads * rank = {num_heads} * {rank} rows of {E} are expected: check num_heads "
+                         "and rank (the official num_heads and dp_rank)")
+    return sd, E, "qkv.bias" in sd, "local_relative_position_bias_table" in sd

@@ -120,20 +120,25 @@ def _fused_call(q, k, v, bias, seen, scale, heads):
     return torch.where(seen, lse.reshape(*lead, M), float("-inf")), o.reshape(*lead, M, -1)
 
 
-def _partial(q, k, v, visible, scale, opts):
-    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K].
+def _partial(q, k, v, visible, scale, opts, bias=None):
+    """One partial softmax. q [..., M, D], k and v [..., K, D], visible broadcasts to [..., M, K]; bias:
+    None or added to the scaled scores, broadcasting to [..., M, K] (differentiable).
 
     Returns the row logsumexp [..., M] (-inf for rows that see nothing) and the normalised
     output [..., M, D] (0 there), in the accumulation dtype; with dropout, the output sums
     the kept probabilities, rescaled, over the normaliser of them all.
     """
-    # the fused kernel divides by zero on empty inputs (and needs finite keys: ``attention`` turns it off)
-    if _fused(q, opts) and q.numel() > 0 and k.shape[-2] > 0:
+    # the fused kernel divides by zero on empty inputs (and needs finite keys: ``attention`` turns it off); its
+    # backward gives no bias gradient
+    if _fused(q, opts) and q.numel() > 0 and k.shape[-2] > 0 and bias is None:
         return _partial_fused(q, k, v, visible, scale)
     acc = acc_dtype(q.dtype)
     # fp16/bf16 products accumulate in fp32, as in the kernels: fp16 scores or sums of p @ v can overflow
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2))  # [..., M, K]
-    s.mul_(scale).masked_fill_(~visible, float("-inf"))
+    s.mul_(scale)
+    if bias is not None:
+        s = s + bias.to(acc)
+    s.masked_fill_(~visible, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
     p = s.sub_(m).exp_()  # [..., M, K]
