@@ -7,6 +7,7 @@ import torch
 
 from ls_kernels import ls_attention, torch_backend
 from ls_kernels.checks import check_attention
+from ls_kernels.config import rel_pos_rows
 from reference import ls_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,6 +156,71 @@ BLOCKED_PAPER = {  # (causal, w, r, chunk, N, H, D); LN shared on both sides as 
     "charlm": (True, 512, 1, 16, 1024, 2, 64),
 }
 
+
+
+# ----------------------------------------------------------------------------- two-dimensional windows
+
+# (grid, w, r, G, bias, pad, ln_local, ln_global, after, D): grids with odd sides, rectangular ones, w that does
+# not divide them, w = 1 (3 x 3 neighbourhoods), w = 0 (no window), a window covering the grid, no projection,
+# several global tokens
+VISION_CASES = [
+    ((1, 1), 1, None, 0, False, "none", "head", None, True, 8),
+    ((7, 7), 7, 3, 1, True, "none", "shared", "shared", True, 40),
+    ((14, 14), 7, 8, 1, True, "rows", "shared", "shared", True, 16),
+    ((9, 5), 4, 2, 2, True, "rows", "head", "head", False, 48),
+    ((8, 8), 8, 2, 1, True, "grid", None, None, True, 8),
+    ((6, 11), 2, 5, 0, True, "none", "head", "shared", True, 8),
+    ((5, 13), 1, 1, 1, False, "rows", "shared", None, False, 40),
+    ((4, 6), 0, 3, 2, False, "rows", "head", "head", True, 8),
+    ((10, 3), 3, None, 3, True, "grid", "shared", None, True, 16),
+    ((3, 3), 5, None, 0, True, "none", None, None, True, 8),
+]
+
+
+def vision_id(c):
+    (nx, ny), w, r, G, bias, pad, lnl, lng, after, D = c
+    return (f"B2-H3-grid{nx}x{ny}-D{D}-w{w}-r{r}-G{G}{'-bias' if bias else ''}-pad_{pad}-lnL_{lnl}-lnG_{lng}"
+            f"{'-after' if after else ''}")
+
+
+def vision_inputs(c, seed=0):
+    """fp64 inputs by name (q, k, v, proj, global keys and values, bias table, LN weights and biases), the key
+    padding mask and the keyword settings of ls_attention_2d."""
+    (nx, ny), w, r, G, bias, pad, lnl, lng, after, D = c
+    B, H, N = 2, 3, nx * ny
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    x = {"q": randn(B, H, N, D), "k": randn(B, H, N, D), "v": randn(B, H, N, D)}
+    if r is not None:
+        x["proj"] = randn(B, H, N, r)
+    if G:
+        x["global_k"], x["global_v"] = randn(B, H, G, D), randn(B, H, G, D)
+    if bias:
+        x["rel_pos_bias"] = randn(rel_pos_rows(w), H)
+    for side, kind in (("ln_local", lnl), ("ln_global", lng)):
+        shape = {None: None, "shared": (D,), "head": (H, D)}[kind]
+        if shape is not None:
+            x[side + "_w"], x[side + "_b"] = 1 + 0.5 * randn(*shape), 0.5 * randn(*shape)
+    mask = None
+    if pad != "none":
+        mask = torch.rand(B, N, generator=g) < 0.3
+        if pad == "grid":  # the second image fully padded
+            mask[1] = True
+    return x, mask, dict(grid=(nx, ny), window=w, project_after_ln=after)
+
+
+def run_2d(fn, inputs, mask, settings, dtype, **extra):
+    """Output and gradients of sum(out * g_out) w.r.t. every input of a 2D attention function."""
+    x = {n: t.to(dtype).requires_grad_() for n, t in inputs.items()}
+    ln = lambda side: (x[side + "_w"], x[side + "_b"]) if side + "_w" in x else None  # noqa: E731
+    out = fn(x["q"], x["k"], x["v"], x.get("proj"), global_k=x.get("global_k"), global_v=x.get("global_v"),
+             rel_pos_bias=x.get("rel_pos_bias"), ln_local=ln("ln_local"), ln_global=ln("ln_global"),
+             key_padding_mask=mask, **settings, **extra)
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad(out, list(x.values()), g_out, allow_unused=True)
+    res = {n: torch.zeros_like(x[n]) if g is None else g for n, g in zip(x, grads)}
+    res["out"] = out
+    return res
 
 
 # ----------------------------------------------------------------------------- Triton kernels
