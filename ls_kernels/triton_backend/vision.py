@@ -1,0 +1,194 @@
+"""Launchers of the two-dimensional kernels (``kernels/vision.py``): their tiles, the forward and the backward
+of the attention of each patch token to its neighbourhood (normalised window keys, plus the expanded
+relative-position bias) and to the keys every query sees (projected vectors and global keys, normalised).
+
+The LayerNorms, the projection and the bias table's expansion run before these launchers (``ops``), under
+autograd; the gradients here are those of q, the window keys and values, the keys every query sees and the
+expanded bias. Deterministic: the keys every query sees get theirs from the one-dimensional dKg/dVg kernels
+(``launch``: the order of the queries does not matter to them), the bias from per-program partials summed
+in a fixed order.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..config import HALF_DTYPES, LOG2E, LS2DConfig, LSConfig
+from .args import absent, bhn_strides, block_d, block_g, kernel_dtype, make_scalars, next_pow2, pad_int8
+from .kernels.vision import _ls2d_bwd_dkv_kernel, _ls2d_bwd_dq_kernel, _ls2d_fwd_kernel
+from .launch import GPU_TILES, _delta, _dkv_global, bwd_config
+from .projection import Projected
+
+# window keys per tile of the forward and dQ kernels: whole neighbourhood rows of SPAN_P slots
+TARGET_KEYS = 64
+_MIN_TILE = 16  # tl.dot's smallest dimension
+NO_WINDOW_SIDE = 8  # query patches of a call without a window
+# the dQ kernel sums the bias gradient over batches in about this many programs (each walks its batches)
+_BIAS_PROGRAMS = 1024
+
+
+def query_patches(cfg: LS2DConfig):
+    """(side, patch rows, patch columns) of the kernels' query blocks: the window's patches, or without a window
+    (projected and global keys only) patches of NO_WINDOW_SIDE."""
+    side = cfg.window if cfg.window > 0 else NO_WINDOW_SIDE
+    nx, ny = cfg.grid
+    return side, -(-nx // side), -(-ny // side)
+
+
+class PatchTiles(NamedTuple):
+    """block_m: a patch's w * w positions padded (queries of the forward and dQ kernels; queries and keys of
+    dK/dV); span_p: the neighbourhood's side padded to a power of two; rows: neighbourhood rows per key tile
+    (a tile holds rows * span_p slots); nbp: slots per query of the expanded bias (whole tiles)."""
+    block_m: int
+    span_p: int
+    rows: int
+    nbp: int
+    num_warps: int
+    num_stages: int
+
+
+def patch_tiles(cfg: LS2DConfig, dtype):
+    """The kernels' tiles for patch side w (the neighbourhood side S = cfg.span): key tiles of whole
+    neighbourhood rows, about TARGET_KEYS slots and at least _MIN_TILE; 8 warps for the IEEE fp32 (and fp64)
+    products, which hold their operands in registers."""
+    w, S = query_patches(cfg)[0], max(cfg.span, 1)
+    span_p = next_pow2(S)
+    rows = max(min(next_pow2(S), max(1, TARGET_KEYS // span_p)), -(-_MIN_TILE // span_p))
+    wide = dtype in (torch.float32, torch.float64)
+    return PatchTiles(block_m=max(_MIN_TILE, next_pow2(w * w)), span_p=span_p, rows=rows,
+                      nbp=-(-S // rows) * rows * span_p, num_warps=8 if wide else 4, num_stages=1 if wide else 2)
+
+
+def expand_bias(wb, cfg, tiles):
+    """(H, w * w, S * S) window bias -> (H, block_m, nbp) contiguous: query m's bias of slot a * span_p + b
+    (neighbourhood row a, column b), zeros at padding slots. Differentiable."""
+    H, S, w = wb.shape[0], cfg.span, cfg.window
+    out = wb.new_zeros(H, tiles.block_m, tiles.nbp // tiles.span_p, tiles.span_p)
+    out[:, :w * w, :S, :S] = wb.reshape(H, w * w, S, S)
+    return out.reshape(H, tiles.block_m, tiles.nbp)
+
+
+class Forward2d(NamedTuple):
+    """forward_2d's results: out (B, H, N, D) in q's dtype, its rounding residual (or None), lse (B, H, N)."""
+    out: torch.Tensor
+    o_res: Optional[torch.Tensor]
+    lse: torch.Tensor
+
+
+class Grads2d(NamedTuple):
+    """backward_2d's results: q, k, v (window keys and values) in the kernels' dtype; kall, vall (the keys every
+    query sees) and the expanded bias in the accumulation dtype (None where absent)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kall: Optional[torch.Tensor]
+    vall: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+
+
+def _visible_all(pad, B, rank, NG, device):
+    """(B, NG) int8: the projected vectors of an image with no real token are invisible; global keys never."""
+    vis = torch.ones(B, NG, dtype=torch.int8, device=device)
+    if pad is not None and rank > 0:
+        vis[:, :rank] = (~pad).any(1, keepdim=True).to(torch.int8)
+    return vis
+
+
+def _kernel_bias(wb, scalars):
+    """The expanded bias as the kernels add it: in their exp units (times log2(e) unless fp64), contiguous; a
+    stand-in when absent."""
+    if wb is None:
+        return absent(scalars.device)
+    return (wb.to(scalars.dtype) * (1.0 if scalars.dtype == torch.float64 else LOG2E)).contiguous()
+
+
+def forward_2d(q, k, v, kall, vall, wb, *, cfg: LS2DConfig, pad=None, store_acc=False):
+    """The attention of validated, normalised inputs: q, k, v (B, H, N, D) (k, v the window keys and values),
+    kall, vall (B, H, NG, D) the keys every query sees (the cfg.rank projected vectors first, then global keys)
+    or None, wb (H, block_m, nbp) the expanded window bias in natural units (expand_bias) or None, pad (B, N)
+    bool. store_acc: also keep the output's rounding residual (fp16/bf16) for the backward. Returns
+    Forward2d."""
+    dtype = q.dtype
+    q, k, v = ((x if x.stride(-1) == 1 else x.contiguous()).to(kernel_dtype(x.dtype)) for x in (q, k, v))
+    B, H, N, D = q.shape
+    scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
+    tiles = patch_tiles(cfg, q.dtype)
+    NG = kall.shape[2] if kall is not None else 0
+    kall, vall = ((x.to(q.dtype).contiguous() if NG else q.new_empty(B, H, 0, D)) for x in (kall, vall))
+    pad8, stride_pad = pad_int8(pad)
+    side, px, py = query_patches(cfg)
+    out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    keep_res = store_acc and dtype in HALF_DTYPES
+    res_in_kernel = keep_res and q.dtype == dtype  # (the interpreter computes bf16 in fp32: residual below)
+    o_res = torch.empty_like(out) if keep_res else None
+    lse = torch.empty(B, H, N, dtype=scalars.dtype, device=q.device)
+    _ls2d_fwd_kernel[(px * py, H, B)](
+        q, k, v, kall, vall, _visible_all(pad, B, cfg.rank, NG, q.device),
+        pad8 if pad8 is not None else absent(q.device), _kernel_bias(wb, scalars), scalars,
+        out, o_res if res_in_kernel else absent(q.device), lse,
+        *bhn_strides(q, k, v), stride_pad,
+        H, N, *cfg.grid, py, NG, side, cfg.half_width, cfg.span, tiles.nbp,
+        HEAD_DIM=D, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_BIAS=wb is not None,
+        IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_RES=res_in_kernel,
+        BLOCK_M=tiles.block_m, ROWS=tiles.rows, SPAN_P=tiles.span_p, BLOCK_G=block_g(NG, TARGET_KEYS),
+        BLOCK_D=block_d(D), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if keep_res and not res_in_kernel:
+        o_res = out - out.to(dtype).to(out.dtype)
+    return Forward2d(out=out.to(dtype), o_res=o_res, lse=lse)
+
+
+def _bias_groups(B, H, n_patches):
+    """Programs of the dQ kernel per patch and head over the batches: each sums the bias gradient of its
+    batches (batch b goes to group b % groups) into its own partial."""
+    return max(1, min(B, _BIAS_PROGRAMS // max(H * n_patches, 1)))
+
+
+def backward_2d(do, q, k, v, kall, vall, wb, *, cfg: LS2DConfig, o, o_res, lse, pad=None, gpu_tiles=GPU_TILES):
+    """Gradients of forward_2d's inputs (its out, o_res and lse given). Returns Grads2d."""
+    q, k, v, do = ((x if x.stride(-1) == 1 else x.contiguous()).to(kernel_dtype(x.dtype)) for x in (q, k, v, do))
+    B, H, N, D = q.shape
+    scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
+    acc = scalars.dtype
+    tiles = patch_tiles(cfg, q.dtype)
+    NG = kall.shape[2] if kall is not None else 0
+    kall_k, vall_k = ((x.to(q.dtype).contiguous() if NG else q.new_empty(B, H, 0, D)) for x in (kall, vall))
+    pad8, stride_pad = pad_int8(pad)
+    gvis = _visible_all(pad, B, cfg.rank, NG, q.device)
+    delta = _delta(o, o_res, do, pad8=pad8, stride_pad=stride_pad, q_off=0, acc=acc)
+    grads = dict(kall=None, vall=None, bias=None)
+    if NG > 0:  # every query sees them: the one-dimensional bidirectional kernels, queries in any order
+        flat = LSConfig(window=0, causal=False, chunk=1, rank=NG, scale=cfg.scale, eps=cfg.eps)
+        glob = _dkv_global(q, do, lse, delta, cfg=flat, projected=Projected(kall_k, vall_k, *(kall_k[:, :, :0],) * 2,
+                                                                            lse[:, :, :0]),
+                           gvis=gvis, pad8=pad8, stride_pad=stride_pad, offsets=(0, 0), scalars=scalars,
+                           ln_global=None, tiles=bwd_config(D, q.dtype, gpu_tiles)["dkv_global"])
+        grads.update(kall=glob.dk_raw, vall=glob.dv_raw)
+    side, px, py = query_patches(cfg)
+    wb_k = _kernel_bias(wb, scalars)
+    none = absent(q.device)
+    groups = _bias_groups(B, H, px * py) if wb is not None else B
+    dwb_part = torch.zeros(groups, px * py, H, tiles.block_m, tiles.nbp, dtype=acc, device=q.device) \
+        if wb is not None else none
+    dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    common = dict(HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_BIAS=wb is not None, IS_FP64=q.dtype == torch.float64,
+                  PRECISION="ieee", BLOCK_M=tiles.block_m, SPAN_P=tiles.span_p, BLOCK_D=block_d(D),
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    _ls2d_bwd_dq_kernel[(px * py, H, groups)](
+        q, k, v, kall_k, vall_k, gvis, pad8 if pad8 is not None else none, wb_k, scalars, do, lse, delta, dq,
+        dwb_part, *bhn_strides(q, k, v, do), stride_pad,
+        B, H, N, *cfg.grid, py, NG, side, cfg.half_width, cfg.span, tiles.nbp,
+        HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, ROWS=tiles.rows, BLOCK_G=block_g(NG, TARGET_KEYS), **common,
+    )
+    if wb is not None:
+        grads["bias"] = dwb_part.sum((0, 1))
+    if cfg.window > 0:
+        dk, dv = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device), torch.empty(B, H, N, D, dtype=v.dtype,
+                                                                                      device=q.device)
+        _ls2d_bwd_dkv_kernel[(px * py, H, B)](
+            q, k, v, pad8 if pad8 is not None else none, wb_k, scalars, do, lse, delta, dk, dv,
+            *bhn_strides(q, k, v, do), stride_pad,
+            H, N, *cfg.grid, px, py, cfg.window, cfg.half_width, cfg.span, tiles.nbp, **common,
+        )
+    else:
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    return Grads2d(q=dq, k=dk, v=dv, **grads)
