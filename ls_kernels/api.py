@@ -188,13 +188,13 @@ def ls_attention_2d(q, k, v, proj=None, *, grid, window, global_k=None, global_v
             their output rows are zero.
         scale: score scale, default 1 / sqrt(D).
         eps: LayerNorm epsilon.
-        backend: "auto" or "torch" (the blocked PyTorch path); "triton" raises ValueError (no two-dimensional
-            kernels).
+        backend: "auto" (the Triton kernels for CUDA tensors with D <= 128, else the blocked PyTorch path),
+            "triton" or "torch".
 
     Returns:
         (B, H, N, D) in q's dtype, differentiable w.r.t. every tensor argument (the bias table included).
     """
-    cfg, _ = check_attention_2d(q, k, v, proj, grid=grid, window=window, global_k=global_k, global_v=global_v,
+    cfg, triton = check_attention_2d(q, k, v, proj, grid=grid, window=window, global_k=global_k, global_v=global_v,
                                 rel_pos_bias=rel_pos_bias, ln_local=ln_local, ln_global=ln_global,
                                 project_after_ln=project_after_ln, key_padding_mask=key_padding_mask, scale=scale,
                                 eps=eps, backend=backend)
@@ -202,10 +202,10 @@ def ls_attention_2d(q, k, v, proj=None, *, grid, window, global_k=None, global_v
     lng = ln_global if ln_global is not None else (None, None)
     if q.numel() == 0:
         return _empty_output(q, (q, k, v, proj, global_k, global_v, rel_pos_bias, *lnl, *lng))
+    run = ops.attention_2d_triton if triton else torch_backend.attention_2d
     with ops.no_autocast(q):
-        return torch_backend.attention_2d(q, k, v, cfg=cfg, proj=proj, global_k=global_k, global_v=global_v,
-                                          rel_pos_bias=rel_pos_bias, ln_local=ln_local, ln_global=ln_global,
-                                          pad=key_padding_mask)
+        return run(q, k, v, cfg=cfg, proj=proj, global_k=global_k, global_v=global_v, rel_pos_bias=rel_pos_bias,
+                   ln_local=ln_local, ln_global=ln_global, pad=key_padding_mask)
 
 
 def ls_attention_2d_projected(q, k, v, k_proj=None, v_proj=None, *, grid, window, global_k=None, global_v=None,
@@ -215,14 +215,15 @@ def ls_attention_2d_projected(q, k, v, k_proj=None, v_proj=None, *, grid, window
     layer normalising over the whole model dim, as the official ViL-LS layer does, composes
     ``dynamic_projection``, its LayerNorms and this). Other arguments and the result as ``ls_attention_2d``.
     """
-    cfg, _ = check_projected_attention_2d(q, k, v, k_proj, v_proj, grid=grid, window=window, global_k=global_k,
+    cfg, triton = check_projected_attention_2d(q, k, v, k_proj, v_proj, grid=grid, window=window, global_k=global_k,
                                           global_v=global_v, rel_pos_bias=rel_pos_bias,
                                           key_padding_mask=key_padding_mask, scale=scale, backend=backend)
     if q.numel() == 0:
         return _empty_output(q, (q, k, v, k_proj, v_proj, global_k, global_v, rel_pos_bias))
+    run = ops.attention_2d_triton if triton else torch_backend.attention_2d
     with ops.no_autocast(q):
-        return torch_backend.attention_2d(q, k, v, cfg=cfg, kg=k_proj, vg=v_proj, global_k=global_k,
-                                          global_v=global_v, rel_pos_bias=rel_pos_bias, pad=key_padding_mask)
+        return run(q, k, v, cfg=cfg, kg=k_proj, vg=v_proj, global_k=global_k, global_v=global_v,
+                   rel_pos_bias=rel_pos_bias, pad=key_padding_mask)
 
 
 def ls_decode(q, k, v, proj, cache, *, window, chunk, ln_local=None, ln_global=None, project_after_ln=False,

@@ -88,3 +88,35 @@ def zero_padded_unless_finite(x, pad):
     if all_finite(x):
         return x
     return x.masked_fill(pad.reshape(pad.shape[0], 1, pad.shape[1], *(1,) * (x.dim() - 3)), 0.0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """table[index] with a backward that needs no atomic adds: each row's gradient is the sum, in a fixed order,
+    of the entries that read it (gathered into a (rows, most readers) block padded with zeros, then summed)."""
+
+    @staticmethod
+    def forward(ctx, table, index):
+        ctx.save_for_backward(index)
+        ctx.rows = table.shape[0]
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        flat = index.reshape(-1)
+        g = grad.reshape(flat.numel(), -1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=ctx.rows)
+        starts = torch.cumsum(counts, 0) - counts
+        width = int(counts.max()) if flat.numel() else 0
+        slot = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # rank among its row's readers
+        readers = torch.full((ctx.rows, max(width, 1)), flat.numel(), dtype=torch.long, device=flat.device)
+        readers[flat[order], slot] = order
+        g = torch.cat([g, g.new_zeros(1, g.shape[1])])  # the padding reads a zero row
+        return g[readers].sum(1).reshape(ctx.rows, *grad.shape[index.dim():]), None
+
+
+def gather_rows(table, index):
+    """table[index] (rows of table picked by an integer tensor of any shape), differentiable in table with a
+    deterministic backward."""
+    return _GatherRows.apply(table, index)

@@ -196,7 +196,7 @@ BAD = {  # argument -> (bad value, what the message names)
     "global_v": (torch.zeros(1, 2, 1, 8, dtype=torch.float64), "global_v"),
     "proj": (torch.zeros(1, 2, 11, 3), "proj"),
     "key_padding_mask": (torch.zeros(1, 11, dtype=torch.bool), "key_padding_mask"),
-    "backend": ("triton", "triton"),
+    "backend": ("gpu", "backend"),
 }
 
 

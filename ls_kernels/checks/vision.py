@@ -7,7 +7,7 @@ import torch
 from ..config import LS2DConfig, default_scale, rel_pos_rows
 from .attention import (FLOAT_DTYPES, _check_backend, _check_eps, _check_ln, _check_mask,
                         _check_projected, _check_proj, _check_qkv, _check_scale, _check_scores_fit, _check_window,
-                        _ln_norm_bound, _max_row_norm)
+                        _ln_norm_bound, _max_row_norm, use_triton)
 
 
 def _check_grid(grid, N):
@@ -80,14 +80,6 @@ def _check_common_2d(q, k, v, grid, window, global_k, global_v, rel_pos_bias, ke
     return grid, window, n_global, has_bias
 
 
-def _use_triton_2d(q, backend):
-    """The two-dimensional path runs on the blocked PyTorch path ("auto" too); "triton" says so."""
-    if backend == "triton":
-        raise ValueError("backend='triton' has no two-dimensional kernels: ls_attention_2d runs on the blocked "
-                         "PyTorch path; use backend='torch' or 'auto'")
-    return False
-
-
 def check_attention_2d(q, k, v, proj, *, grid, window, global_k, global_v, rel_pos_bias, ln_local, ln_global,
                        project_after_ln, key_padding_mask, scale, eps, backend):
     """Validate the arguments of ``ls_attention_2d``; returns (its LS2DConfig, whether Triton runs it)."""
@@ -113,7 +105,7 @@ def check_attention_2d(q, k, v, proj, *, grid, window, global_k, global_v, rel_p
                           else [])
 
     _check_scores_fit(cfg.scale, q, key_bounds)
-    return cfg, _use_triton_2d(q, backend)
+    return cfg, use_triton(q, backend)
 
 
 def check_projected_attention_2d(q, k, v, k_proj, v_proj, *, grid, window, global_k, global_v, rel_pos_bias,
@@ -131,7 +123,7 @@ def check_projected_attention_2d(q, k, v, k_proj, v_proj, *, grid, window, globa
                      scale=default_scale(D) if scale is None else float(scale))
     _check_scores_fit(cfg.scale, q, lambda: [_max_row_norm(k), _global_norm(global_k)]
                       + ([_max_row_norm(k_proj)] if k_proj is not None else []))
-    return cfg, _use_triton_2d(q, backend)
+    return cfg, use_triton(q, backend)
 
 
 def _global_norm(global_k):

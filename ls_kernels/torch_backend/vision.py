@@ -11,7 +11,7 @@ the bias table included.
 import torch
 import torch.nn.functional as F
 
-from ..common import all_finite, layer_norm, zero_padded_unless_finite
+from ..common import all_finite, gather_rows, layer_norm, zero_padded_unless_finite
 from ..config import LS2DConfig, acc_dtype, rel_pos_index
 from .blocked import DEFAULT, _merge, _partial, project
 
@@ -71,7 +71,7 @@ def window_bias(table, cfg):
     k_pos = torch.arange(-s, w + s, device=table.device)
     d = q_pos[:, None] - k_pos[None, :]  # (w, S): query minus key, one axis
     index = rel_pos_index(w, d[:, None, :, None], d[None, :, None, :])  # (w, w, S, S): [qr, qc, kr, kc]
-    return table[index.reshape(w * w, S * S)].permute(2, 0, 1)
+    return gather_rows(table, index.reshape(w * w, S * S)).permute(2, 0, 1)
 
 
 def local_2d(q, k, v, pad, bias_table, cfg, opts=DEFAULT):
