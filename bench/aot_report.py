@@ -37,6 +37,13 @@ from ls_kernels.triton_backend.kernels import decode as dec_kernels  # noqa: E40
 from ls_kernels.triton_backend.kernels import forward as fwd_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import prepass as prepass_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import projection as prj_kernels  # noqa: E402
+from ls_kernels.triton_backend.kernels import vision as vision_kernels  # noqa: E402
+from ls_kernels.config import LS2DConfig  # noqa: E402
+from ls_kernels.triton_backend import vision  # noqa: E402
+
+# the official vision windows (w 7 at 224 px, w 8 at 384 px) take the same tiles: 13 and 16 neighbourhood
+# columns in 16 slots
+VISION_WINDOW = 8
 
 TL_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -135,6 +142,7 @@ def kernel_specs(dtype, D, pad=True):
         const = dict(flags, HAS_PAD=pad, IS_FP64=fp64, PRECISION=precision, SPLIT=dtype in HALF_DTYPES, BLOCK_N=bn,
                      BLOCK_R=br)
         specs.append((f"_proj_bwd_kernel[seg={seg_len}]", prj_kernels._proj_bwd_kernel, types, const, w, 1))
+    specs += vision_specs(dtype, D, pad)
     types = {"Q": t, "KN": t, "VN": t, "WK": t, "WV": t, "KG": t, "VG": t, "LENGTHS": "i64", "REAL": "i8",
              "SCALARS": acc, "O_PART": acc, "LSE_PART": acc}
     const = dict(HAS_WINDOW=True, HEAD_DIM=D, IS_FP64=fp64, BLOCK_N=dec.decode_block_n(D, gpu_tiles=True), BLOCK_D=BLOCK_D)
@@ -143,6 +151,29 @@ def kernel_specs(dtype, D, pad=True):
     const = dict(HEAD_DIM=D, IS_FP64=fp64, BLOCK_S=dec.COMBINE_SPANS, BLOCK_D=BLOCK_D)
     specs.append(("_decode_combine_kernel", dec_kernels._decode_combine_kernel, types, const, 4, 1))
     return specs
+
+
+def vision_specs(dtype, D, pad=True):
+    """kernel_specs' rows of the two-dimensional kernels at VISION_WINDOW, with the bias, global keys and (pad)
+    padding."""
+    t, acc = TL_TYPES[dtype], _acc(dtype)
+    cfg = LS2DConfig(grid=(56, 56), window=VISION_WINDOW, rank=8, num_global=1, has_bias=True, scale=1.0)
+    tiles = vision.patch_tiles(cfg, dtype, D)
+    flags = dict(HEAD_DIM=D, HAS_PAD=pad, HAS_BIAS=True, IS_FP64=dtype == torch.float64, PRECISION="ieee",
+                 SPAN_P=tiles.span_p, BLOCK_D=block_d(D))
+    base = {"Q": t, "K": t, "V": t, "KG": t, "VG": t, "GVIS": "i8", "PAD": "i8", "WB": acc, "SCALARS": acc}
+    attention = dict(flags, HAS_LOCAL=True, HAS_GLOBAL=True, BLOCK_G=vision.block_g(9, vision.TARGET_KEYS))
+    fwd, dq, dkv = tiles.fwd, tiles.dq, tiles.dkv
+    return [
+        ("_ls2d_fwd_kernel", vision_kernels._ls2d_fwd_kernel, dict(base, O=t, O_RES=t, LSE=acc),
+         dict(attention, STORE_RES=True, BLOCK_M=fwd.block_m, ROWS=fwd.rows), fwd.num_warps, fwd.num_stages),
+        ("_ls2d_bwd_dq_kernel", vision_kernels._ls2d_bwd_dq_kernel,
+         dict(base, DO=t, LSE=acc, DELTA=acc, DQ=t, DWB=acc), dict(attention, BLOCK_M=dq.block_m, ROWS=dq.rows),
+         dq.num_warps, dq.num_stages),
+        ("_ls2d_bwd_dkv_kernel", vision_kernels._ls2d_bwd_dkv_kernel,
+         dict(base, DO=t, LSE=acc, DELTA=acc, DK=t, DV=t), dict(flags, BLOCK_M=dkv.block_m), dkv.num_warps,
+         dkv.num_stages),
+    ]
 
 
 def compile_kernel(fn, types, const, num_warps, num_stages, arch):

@@ -16,7 +16,8 @@ KERNELS = {f"{k}[{m}]" for k in ("_ls_fwd_kernel", "_ls_bwd_dq_kernel", "_ls_bwd
                                             "_proj_bwd_kernel[seg=16]", "_proj_bwd_kernel[seg=4096]",
                                             "_ln_local_kernel", "_ls_bwd_delta_kernel",
                                             "_ls_bwd_dkv_global_combine_kernel", "_decode_split_kernel",
-                                            "_decode_combine_kernel"}
+                                            "_decode_combine_kernel", "_ls2d_fwd_kernel", "_ls2d_bwd_dq_kernel",
+                                            "_ls2d_bwd_dkv_kernel"}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 
 

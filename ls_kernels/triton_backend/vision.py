@@ -22,6 +22,17 @@ from .projection import Projected
 TARGET_KEYS = 64
 _MIN_TILE = 16  # tl.dot's smallest dimension
 NO_WINDOW_SIDE = 8  # query patches of a call without a window
+# per kernel (most positions per program, key slots per tile, warps, stages) by (dtype kind, D <= 64), chosen by
+# ahead-of-time compilation (bench/aot_report.py): zero spills on sm_90a. The dQ kernel holds the bias and its
+# gradient's tiles besides the attention's: narrower key tiles
+_KERNEL_TILES = {
+    ("half", True): dict(fwd=(64, 64, 8, 2), dq=(64, 16, 4, 1), dkv=(32, 0, 8, 1)),
+    ("half", False): dict(fwd=(64, 32, 8, 2), dq=(32, 32, 8, 1), dkv=(32, 0, 8, 1)),
+    ("fp32", True): dict(fwd=(32, 16, 8, 2), dq=(32, 16, 8, 2), dkv=(16, 0, 8, 1)),
+    ("fp32", False): dict(fwd=(32, 16, 8, 1), dq=(32, 16, 8, 1), dkv=(16, 0, 8, 1)),
+    ("fp64", True): dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkv=(16, 0, 4, 1)),
+    ("fp64", False): dict(fwd=(16, 16, 4, 1), dq=(16, 16, 4, 1), dkv=(16, 0, 4, 1)),
+}
 # the dQ kernel sums the bias gradient over batches in about this many programs (each walks its batches)
 _BIAS_PROGRAMS = 1024
 
@@ -34,37 +45,53 @@ def query_patches(cfg: LS2DConfig):
     return side, -(-nx // side), -(-ny // side)
 
 
-class PatchTiles(NamedTuple):
-    """block_m: a patch's w * w positions padded (queries of the forward and dQ kernels; queries and keys of
-    dK/dV); span_p: the neighbourhood's side padded to a power of two; rows: neighbourhood rows per key tile
-    (a tile holds rows * span_p slots); nbp: slots per query of the expanded bias (whole tiles)."""
+class KernelTiles(NamedTuple):
+    """One kernel's tiles: block_m positions of a patch per program (queries of the forward and dQ kernels;
+    keys of dK/dV, which visits the queries around in the same parts), split programs per patch, rows
+    neighbourhood rows per key tile (forward, dQ), warps, stages."""
     block_m: int
-    span_p: int
+    split: int
     rows: int
-    nbp: int
     num_warps: int
     num_stages: int
 
 
-def patch_tiles(cfg: LS2DConfig, dtype):
-    """The kernels' tiles for patch side w (the neighbourhood side S = cfg.span): key tiles of whole
-    neighbourhood rows, about TARGET_KEYS slots and at least _MIN_TILE; 8 warps for the IEEE fp32 (and fp64)
-    products, which hold their operands in registers."""
+class PatchTiles(NamedTuple):
+    """The two-dimensional kernels' tiles: m_rows, a patch's w * w positions padded (rows of the expanded bias,
+    a multiple of every block_m); span_p, the neighbourhood's side padded to a power of two (slots per
+    neighbourhood row); nbp, slots per position of the expanded bias (whole key tiles of every kernel); the
+    forward's, dQ's and dK/dV's KernelTiles."""
+    m_rows: int
+    span_p: int
+    nbp: int
+    fwd: KernelTiles
+    dq: KernelTiles
+    dkv: KernelTiles
+
+
+def patch_tiles(cfg: LS2DConfig, dtype, D):
+    """The kernels' tiles for patch side w (the neighbourhood side S = cfg.span) and head dim D, from
+    _KERNEL_TILES: key tiles of whole neighbourhood rows."""
     w, S = query_patches(cfg)[0], max(cfg.span, 1)
     span_p = next_pow2(S)
-    rows = max(min(next_pow2(S), max(1, TARGET_KEYS // span_p)), -(-_MIN_TILE // span_p))
-    wide = dtype in (torch.float32, torch.float64)
-    return PatchTiles(block_m=max(_MIN_TILE, next_pow2(w * w)), span_p=span_p, rows=rows,
-                      nbp=-(-S // rows) * rows * span_p, num_warps=8 if wide else 4, num_stages=1 if wide else 2)
+    m_rows = max(_MIN_TILE, next_pow2(w * w))
+    kind = "half" if dtype in HALF_DTYPES else "fp64" if dtype == torch.float64 else "fp32"
+    chosen = {}
+    for kernel, (most, keys, warps, stages) in _KERNEL_TILES[kind, D <= 64].items():
+        block_m = min(most, m_rows)
+        rows = max(min(next_pow2(S), max(1, keys // span_p)), -(-_MIN_TILE // span_p))
+        chosen[kernel] = KernelTiles(block_m, -(-w * w // block_m), rows, warps, stages)
+    rows = max(t.rows for t in chosen.values())
+    return PatchTiles(m_rows=m_rows, span_p=span_p, nbp=-(-S // rows) * rows * span_p, **chosen)
 
 
 def expand_bias(wb, cfg, tiles):
-    """(H, w * w, S * S) window bias -> (H, block_m, nbp) contiguous: query m's bias of slot a * span_p + b
+    """(H, w * w, S * S) window bias -> (H, m_rows, nbp) contiguous: position m's bias of slot a * span_p + b
     (neighbourhood row a, column b), zeros at padding slots. Differentiable."""
     H, S, w = wb.shape[0], cfg.span, cfg.window
-    out = wb.new_zeros(H, tiles.block_m, tiles.nbp // tiles.span_p, tiles.span_p)
+    out = wb.new_zeros(H, tiles.m_rows, tiles.nbp // tiles.span_p, tiles.span_p)
     out[:, :w * w, :S, :S] = wb.reshape(H, w * w, S, S)
-    return out.reshape(H, tiles.block_m, tiles.nbp)
+    return out.reshape(H, tiles.m_rows, tiles.nbp)
 
 
 class Forward2d(NamedTuple):
@@ -111,7 +138,7 @@ def forward_2d(q, k, v, kall, vall, wb, *, cfg: LS2DConfig, pad=None, store_acc=
     q, k, v = ((x if x.stride(-1) == 1 else x.contiguous()).to(kernel_dtype(x.dtype)) for x in (q, k, v))
     B, H, N, D = q.shape
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
-    tiles = patch_tiles(cfg, q.dtype)
+    tiles = patch_tiles(cfg, q.dtype, D)
     NG = kall.shape[2] if kall is not None else 0
     kall, vall = ((x.to(q.dtype).contiguous() if NG else q.new_empty(B, H, 0, D)) for x in (kall, vall))
     pad8, stride_pad = pad_int8(pad)
@@ -121,16 +148,17 @@ def forward_2d(q, k, v, kall, vall, wb, *, cfg: LS2DConfig, pad=None, store_acc=
     res_in_kernel = keep_res and q.dtype == dtype  # (the interpreter computes bf16 in fp32: residual below)
     o_res = torch.empty_like(out) if keep_res else None
     lse = torch.empty(B, H, N, dtype=scalars.dtype, device=q.device)
-    _ls2d_fwd_kernel[(px * py, H, B)](
+    t = tiles.fwd
+    _ls2d_fwd_kernel[(px * py * t.split, H, B)](
         q, k, v, kall, vall, _visible_all(pad, B, cfg.rank, NG, q.device),
         pad8 if pad8 is not None else absent(q.device), _kernel_bias(wb, scalars), scalars,
         out, o_res if res_in_kernel else absent(q.device), lse,
         *bhn_strides(q, k, v), stride_pad,
-        H, N, *cfg.grid, py, NG, side, cfg.half_width, cfg.span, tiles.nbp,
+        H, N, *cfg.grid, py, t.split, NG, side, cfg.half_width, cfg.span, tiles.m_rows, tiles.nbp,
         HEAD_DIM=D, HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, HAS_PAD=pad8 is not None, HAS_BIAS=wb is not None,
         IS_FP64=q.dtype == torch.float64, PRECISION="ieee", STORE_RES=res_in_kernel,
-        BLOCK_M=tiles.block_m, ROWS=tiles.rows, SPAN_P=tiles.span_p, BLOCK_G=block_g(NG, TARGET_KEYS),
-        BLOCK_D=block_d(D), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_M=t.block_m, ROWS=t.rows, SPAN_P=tiles.span_p, BLOCK_G=block_g(NG, TARGET_KEYS),
+        BLOCK_D=block_d(D), num_warps=t.num_warps, num_stages=t.num_stages,
     )
     if keep_res and not res_in_kernel:
         o_res = out - out.to(dtype).to(out.dtype)
@@ -149,7 +177,7 @@ def backward_2d(do, q, k, v, kall, vall, wb, *, cfg: LS2DConfig, o, o_res, lse, 
     B, H, N, D = q.shape
     scalars = make_scalars(cfg.scale, cfg.eps, q.dtype, q.device)
     acc = scalars.dtype
-    tiles = patch_tiles(cfg, q.dtype)
+    tiles = patch_tiles(cfg, q.dtype, D)
     NG = kall.shape[2] if kall is not None else 0
     kall_k, vall_k = ((x.to(q.dtype).contiguous() if NG else q.new_empty(B, H, 0, D)) for x in (kall, vall))
     pad8, stride_pad = pad_int8(pad)
@@ -167,27 +195,30 @@ def backward_2d(do, q, k, v, kall, vall, wb, *, cfg: LS2DConfig, o, o_res, lse, 
     wb_k = _kernel_bias(wb, scalars)
     none = absent(q.device)
     groups = _bias_groups(B, H, px * py) if wb is not None else B
-    dwb_part = torch.zeros(groups, px * py, H, tiles.block_m, tiles.nbp, dtype=acc, device=q.device) \
+    dwb_part = torch.zeros(groups, px * py, H, tiles.m_rows, tiles.nbp, dtype=acc, device=q.device) \
         if wb is not None else none
     dq = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
     common = dict(HEAD_DIM=D, HAS_PAD=pad8 is not None, HAS_BIAS=wb is not None, IS_FP64=q.dtype == torch.float64,
-                  PRECISION="ieee", BLOCK_M=tiles.block_m, SPAN_P=tiles.span_p, BLOCK_D=block_d(D),
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    _ls2d_bwd_dq_kernel[(px * py, H, groups)](
+                  PRECISION="ieee", SPAN_P=tiles.span_p, BLOCK_D=block_d(D))
+    t = tiles.dq
+    _ls2d_bwd_dq_kernel[(px * py * t.split, H, groups)](
         q, k, v, kall_k, vall_k, gvis, pad8 if pad8 is not None else none, wb_k, scalars, do, lse, delta, dq,
         dwb_part, *bhn_strides(q, k, v, do), stride_pad,
-        B, H, N, *cfg.grid, py, NG, side, cfg.half_width, cfg.span, tiles.nbp,
-        HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, ROWS=tiles.rows, BLOCK_G=block_g(NG, TARGET_KEYS), **common,
+        B, H, N, *cfg.grid, py, t.split, NG, side, cfg.half_width, cfg.span, tiles.m_rows, tiles.nbp,
+        HAS_LOCAL=cfg.window > 0, HAS_GLOBAL=NG > 0, BLOCK_M=t.block_m, ROWS=t.rows, BLOCK_G=block_g(NG, TARGET_KEYS),
+        num_warps=t.num_warps, num_stages=t.num_stages, **common,
     )
     if wb is not None:
         grads["bias"] = dwb_part.sum((0, 1))
     if cfg.window > 0:
         dk, dv = torch.empty(B, H, N, D, dtype=k.dtype, device=q.device), torch.empty(B, H, N, D, dtype=v.dtype,
                                                                                       device=q.device)
-        _ls2d_bwd_dkv_kernel[(px * py, H, B)](
+        t = tiles.dkv
+        _ls2d_bwd_dkv_kernel[(px * py * t.split, H, B)](
             q, k, v, pad8 if pad8 is not None else none, wb_k, scalars, do, lse, delta, dk, dv,
             *bhn_strides(q, k, v, do), stride_pad,
-            H, N, *cfg.grid, px, py, cfg.window, cfg.half_width, cfg.span, tiles.nbp, **common,
+            H, N, *cfg.grid, px, py, t.split, cfg.window, cfg.half_width, cfg.span, tiles.m_rows, tiles.nbp,
+            BLOCK_M=t.block_m, num_warps=t.num_warps, num_stages=t.num_stages, **common,
         )
     else:
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
