@@ -3,6 +3,7 @@ until the memory budget runs out: the paper's Figure 3 (Zhu et al. 2021), on you
 
     python bench/sweep.py                      # char-LM config, every method, fwd and fwd+bwd
     python bench/sweep.py --preset lra         # LRA config (rows are added to the same CSV)
+    python bench/sweep.py --preset vil         # vision: image resolution, 2D windows, CLS token, bias
     python bench/sweep.py --quick              # a small sweep, < 3 minutes on a 2-core CPU
     python bench/plot.py                       # figures and README tables from the CSV
 
@@ -43,16 +44,21 @@ from tqdm import tqdm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from flex_ls import ls_flex  # noqa: E402
-from ls_kernels import ls_attention, torch_backend  # noqa: E402
+from ls_kernels import ls_attention, ls_attention_2d, torch_backend  # noqa: E402
 from ls_kernels.checks import check_attention  # noqa: E402
+from ls_kernels.config import rel_pos_rows  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 METHODS = ["ls", "ls_torch", "full_naive", "full_sdpa", "flex"]
 MODES = ["fwd", "fwd+bwd"]
-PRESETS = {  # the paper's char-level LM (causal) and Long Range Arena (bidirectional) attention
-    "charlm": dict(causal=True, heads=8, dim=64, window=512, chunk=16, rank=1, project_after_ln=False),
-    "lra": dict(causal=False, heads=2, dim=32, window=8, chunk=16, rank=32, project_after_ln=True),
+PRESETS = {  # the paper's char-level LM (causal), Long Range Arena (bidirectional) and vision (2D) attention
+    "charlm": dict(causal=True, heads=8, dim=64, window=512, chunk=16, rank=1, project_after_ln=False, vision=False),
+    "lra": dict(causal=False, heads=2, dim=32, window=8, chunk=16, rank=32, project_after_ln=True, vision=False),
+    # ViL-LS stage 1 (model dim 96 in 3 heads), w 8 (384 px), r 8, one CLS token, relative-position bias
+    "vil": dict(causal=False, heads=3, dim=32, window=8, chunk=16, rank=8, project_after_ln=True, vision=True),
 }
+# vil: square grids from the stage-1 grid of a 224 px image (56 x 56 tokens), tokens about doubling per step
+VIL_SIDES = [56, 80, 112, 160, 224, 320, 448, 640, 896, 1280, 1792, 2560]
 COLUMNS = ["method", "mode", "batch", "seqlen", "config", "metric", "unit", "median", "p20", "p80", "status",
            "device", "threads", "budget_gib", "torch", "triton", "date", "note"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,6 +113,47 @@ def _naive(q, k, v, causal):
     return torch.softmax(s, -1) @ v
 
 
+def _full_2d_bias(table, side):
+    """(H, N, N + 1) for an N = side^2 grid and one CLS key first: the relative-position bias of every pair of
+    patch tokens from a (2 side - 1)^2-row table, 0 for the CLS key (as full attention with a global bias
+    table computes it)."""
+    pos = torch.arange(side * side, device=table.device, dtype=torch.int32)
+    dr = (pos // side)[:, None] - (pos // side)[None, :] + side - 1
+    dc = (pos % side)[:, None] - (pos % side)[None, :] + side - 1
+    bias = table[(dr * (2 * side - 1) + dc).long()].permute(2, 0, 1)
+    return torch.nn.functional.pad(bias, (1, 0))
+
+
+def _build_vision(p, q, k, v, rand, leaves):
+    """The forward of a vil point: q, k, v (B, H, N, D) on a square grid, one CLS key and value, the bias."""
+    B, H, N, D, r, w = p["batch"], p["heads"], p["seqlen"], p["dim"], p["rank"], p["window"]
+    side = math.isqrt(N)
+    gk, gv = rand(B, H, 1, D), rand(B, H, 1, D)
+    leaves += [gk, gv]
+    if p["method"] in ("full_naive", "full_sdpa"):
+        table = rand((2 * side - 1) ** 2, H, s=0.02)
+        leaves.append(table)
+        keys = lambda: (torch.cat([gk, k], 2), torch.cat([gv, v], 2))  # noqa: E731
+        if p["method"] == "full_naive":
+            def fwd():
+                kk, vv = keys()
+                s = (q @ kk.transpose(-1, -2)) * D ** -0.5 + _full_2d_bias(table, side)
+                return torch.softmax(s, -1) @ vv
+        else:
+            def fwd():
+                return torch.nn.functional.scaled_dot_product_attention(q, *keys(),
+                                                                        attn_mask=_full_2d_bias(table, side))
+        return fwd
+    proj, table = rand(B, H, N, r), rand(rel_pos_rows(w), H, s=0.02)
+    ln = lambda: (1 + rand(D, s=0.1).float(), rand(D, s=0.1).float())  # noqa: E731  (fp32, as under AMP)
+    ln_l, ln_g = ln(), ln()
+    leaves += [proj, table, *ln_l, *ln_g]
+    kw = dict(grid=(side, side), window=w, global_k=gk, global_v=gv, rel_pos_bias=table, ln_local=ln_l,
+              ln_global=ln_g, project_after_ln=p["project_after_ln"],
+              backend="auto" if p["method"] == "ls" else "torch")
+    return lambda: ls_attention_2d(q, k, v, proj, **kw)
+
+
 def build(p):
     """The step to time (forward, or forward + backward) and the bytes of its inputs."""
     dev, dt, grad = torch.device(p["device"]), DTYPES[p["dtype"]], p["mode"] == "fwd+bwd"
@@ -115,7 +162,9 @@ def build(p):
     rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen, device=dev) * s).to(dt)  # noqa: E731
     q, k, v = rand(B, H, N, D), rand(B, H, N, D), rand(B, H, N, D)
     leaves = [q, k, v]
-    if p["method"] in ("full_naive", "full_sdpa"):
+    if p["vision"]:
+        fwd = _build_vision(p, q, k, v, rand, leaves)
+    elif p["method"] in ("full_naive", "full_sdpa"):
         if p["method"] == "full_naive":
             fwd = lambda: _naive(q, k, v, p["causal"])  # noqa: E731
         else:
@@ -241,8 +290,17 @@ def device_name(device):
 
 
 def config_name(a, preset):
+    if a.vision:
+        return f"{preset} 2d H={a.heads} D={a.dim} w={a.window} r={a.rank} cls bias {a.dtype}"
     return (f"{preset} {'causal' if a.causal else 'bidir'} H={a.heads} D={a.dim} w={a.window} l={a.chunk} "
             f"r={a.rank}{' ln-first' if a.project_after_ln else ''} {a.dtype}")
+
+
+def lengths_for(cfg, args):
+    """Token counts of a curve: N doubling from --min-seqlen; vil: the square grids of VIL_SIDES (N = side^2)."""
+    if cfg.vision:
+        return [s * s for s in VIL_SIDES if s * s <= args.max_seqlen]
+    return [n for n in (args.min_seqlen << i for i in range(40)) if n <= args.max_seqlen]
 
 
 def rows_for(p, res, common):
@@ -266,7 +324,9 @@ def predict(history, p):
     return max(first - t1, 0.0) + (p["warmup"] + 3) * t1 * growth, m1 * min(max(m1 / m0, 1.0), 8.0)
 
 
-def skip_reason(method, mode, device):
+def skip_reason(method, mode, device, vision=False):
+    if method == "flex" and vision:
+        return "the vil preset has no FlexAttention statement (2D windows, CLS token, bias)"
     if method == "flex" and mode == "fwd+bwd" and device == "cpu":
         return "FlexAttention has no backward on CPU (it raises)"
     return None
@@ -279,7 +339,9 @@ def parse_args(argv=None):
                                 epilog="Defaults in [] depend on the device (and on --quick).")
     p.add_argument("--preset", choices=list(PRESETS), nargs="+", default=["charlm"],
                    help="attention config(s): charlm = causal H=8 D=64 w=512 chunk=16 r=1; "
-                        "lra = bidirectional H=2 D=32 w=8 r=32, projection after LN_L (default: charlm)")
+                        "lra = bidirectional H=2 D=32 w=8 r=32, projection after LN_L; vil = 2D windows on square "
+                        "grids of 56^2 .. 2560^2 tokens, H=3 D=32 w=8 r=8, a CLS token and the relative-position "
+                        "bias (full attention: with a bias over the whole grid) (default: charlm)")
     for name, kind, what in [("heads", int, "H"), ("dim", int, "head dim D"), ("window", int, "window w"),
                              ("chunk", int, "causal chunk length l"), ("rank", int, "projected length r (0: none)")]:
         p.add_argument(f"--{name}", type=kind, help=f"override the preset's {what}")
@@ -295,7 +357,7 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes, one curve each [CUDA: 1 2 4 8 16; CPU: 1 4]")
     p.add_argument("--min-seqlen", type=int, default=256,
                    help="first sequence length, doubled from there (default: 256)")
-    p.add_argument("--max-seqlen", type=int, help="last sequence length [CUDA: 2^20; CPU: 65536]")
+    p.add_argument("--max-seqlen", type=int, help="last sequence length (vil: tokens) [CUDA: 2^20; CPU: 65536]")
     p.add_argument("--memory-budget", type=float,
                    help="GiB per point, inputs included [CUDA: 32; CPU: min(32, a quarter of RAM)]")
     p.add_argument("--time-limit", type=float, help="seconds per point, start-up and compilation included "
@@ -373,7 +435,6 @@ def main(argv=None):
     common = dict(device=device_name(args.device), threads=args.threads if args.device == "cpu" else np.nan,
                   budget_gib=args.memory_budget, torch=torch.__version__, triton=triton.__version__,
                   date=datetime.date.today().isoformat())
-    lengths = [n for n in (args.min_seqlen << i for i in range(40)) if n <= args.max_seqlen]
     curves = []
     for preset in args.preset:
         cfg = argparse.Namespace(**{k: getattr(args, k) if getattr(args, k, None) is not None else v
@@ -382,21 +443,24 @@ def main(argv=None):
             sys.exit("error: --window 0 and --rank 0 leave long-short attention nothing to attend to")
         for mode in args.modes:
             for method in args.methods:
-                reason = skip_reason(method, mode, args.device)
+                reason = skip_reason(method, mode, args.device, cfg.vision)
                 if reason:
                     print(f"skipping {method} {mode} on {args.device}: {reason}")
                     continue
                 curves += [(cfg, config_name(cfg, preset), mode, method, b) for b in args.batches]
+    if not curves:
+        sys.exit("error: no curve to run (every method skipped)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     old = pd.read_csv(args.out) if os.path.exists(args.out) else pd.DataFrame(columns=COLUMNS)
     redo = {(c[1], c[3], c[2], c[4]) for c in curves}
     keep = [(cf, me, mo, b) not in redo for cf, me, mo, b in zip(old.config, old.method, old["mode"], old.batch)]
     rows = old[keep].to_dict("records")
-    print(f"{len(curves)} curves, N = {lengths[0]} .. {lengths[-1]}, budget {args.memory_budget:.3g} GiB, "
-          f"time limit {args.time_limit:.0f} s per point, {common['device']} -> {args.out}")
+    print(f"{len(curves)} curves, budget {args.memory_budget:.3g} GiB, time limit {args.time_limit:.0f} s per point, "
+          f"{common['device']} -> {args.out}")
     tqdm.monitor_interval = 0  # no monitor thread: children are forked
-    with tqdm(total=len(curves) * len(lengths), unit="pt") as bar:
+    with tqdm(total=sum(len(lengths_for(c[0], args)) for c in curves), unit="pt") as bar:
         for cfg, cname, mode, method, batch in curves:
+            lengths = lengths_for(cfg, args)
             history = []  # (N, median s per call, first call s, peak bytes) of the curve's points so far
             for i, n in enumerate(lengths):
                 bar.set_description(f"{cname.split()[0]} {method} {mode} B={batch} N={n}")

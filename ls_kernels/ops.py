@@ -490,9 +490,8 @@ def attention_2d_triton(q, k, v, *, cfg: LS2DConfig, proj=None, kg=None, vg=None
         kall, vall = (torch.cat(keys, 2), torch.cat(values, 2)) if keys else (None, None)
         bias = None
         if rel_pos_bias is not None and cfg.window > 0:
-            tiles = triton_backend.vision.patch_tiles(cfg, q.dtype, D)
             bias = triton_backend.vision.expand_bias(torch_backend.vision.window_bias(rel_pos_bias.to(acc), cfg), cfg,
-                                                     tiles)
+                                                     q.dtype, D)
         needs_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k_loc, v_loc, kall, vall, bias))
         out, _, _ = attention_2d_triton_fwd(q, k_loc.to(q.dtype), v_loc.to(q.dtype), kall, vall, bias, pad,

@@ -85,9 +85,11 @@ def patch_tiles(cfg: LS2DConfig, dtype, D):
     return PatchTiles(m_rows=m_rows, span_p=span_p, nbp=-(-S // rows) * rows * span_p, **chosen)
 
 
-def expand_bias(wb, cfg, tiles):
-    """(H, w * w, S * S) window bias -> (H, m_rows, nbp) contiguous: position m's bias of slot a * span_p + b
-    (neighbourhood row a, column b), zeros at padding slots. Differentiable."""
+def expand_bias(wb, cfg, dtype, D):
+    """(H, w * w, S * S) window bias -> (H, m_rows, nbp) contiguous, the layout of the tiles of the kernels that
+    compute inputs of dtype and head dim D: position m's bias of slot a * span_p + b (neighbourhood row a,
+    column b), zeros at padding slots. Differentiable."""
+    tiles = patch_tiles(cfg, kernel_dtype(dtype), D)
     H, S, w = wb.shape[0], cfg.span, cfg.window
     out = wb.new_zeros(H, tiles.m_rows, tiles.nbp // tiles.span_p, tiles.span_p)
     out[:, :w * w, :S, :S] = wb.reshape(H, w * w, S, S)
