@@ -61,7 +61,8 @@ def plot_config(df, config, mode, path):
             ax.axhline(sub.budget_gib.iloc[0] * 1024, color="gray", ls=":", lw=1)
             ax.annotate(f"budget {sub.budget_gib.iloc[0]:.3g} GiB", (sub.seqlen.min(), sub.budget_gib.iloc[0] * 1024),
                         textcoords="offset points", xytext=(0, 3), fontsize=8, color="gray")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=ylabel, title=f"{title}, {mode}")
+        xlabel = "tokens N (a square grid of side sqrt(N))" if config.startswith("vil") else "sequence length N"
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=f"{title}, {mode}")
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
     methods = [m for m in STYLE if m in set(sub.method)]

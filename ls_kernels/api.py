@@ -15,7 +15,7 @@ the attention of ``ls_attention`` with those steps taken out, on the same kernel
 """
 import torch
 
-from . import ops, torch_backend
+from . import ops, torch_backend, vision_ops
 from .checks import (check_attention, check_attention_2d, check_decode, check_dynamic_projection,
                      check_projected_attention, check_projected_attention_2d, use_triton)
 from .common import layer_norm, zero_padded_unless_finite
@@ -202,7 +202,7 @@ def ls_attention_2d(q, k, v, proj=None, *, grid, window, global_k=None, global_v
     lng = ln_global if ln_global is not None else (None, None)
     if q.numel() == 0:
         return _empty_output(q, (q, k, v, proj, global_k, global_v, rel_pos_bias, *lnl, *lng))
-    run = ops.attention_2d_triton if triton else torch_backend.attention_2d
+    run = vision_ops.attention_2d_triton if triton else torch_backend.attention_2d
     with ops.no_autocast(q):
         return run(q, k, v, cfg=cfg, proj=proj, global_k=global_k, global_v=global_v, rel_pos_bias=rel_pos_bias,
                    ln_local=ln_local, ln_global=ln_global, pad=key_padding_mask)
@@ -220,7 +220,7 @@ def ls_attention_2d_projected(q, k, v, k_proj=None, v_proj=None, *, grid, window
                                           key_padding_mask=key_padding_mask, scale=scale, backend=backend)
     if q.numel() == 0:
         return _empty_output(q, (q, k, v, k_proj, v_proj, global_k, global_v, rel_pos_bias))
-    run = ops.attention_2d_triton if triton else torch_backend.attention_2d
+    run = vision_ops.attention_2d_triton if triton else torch_backend.attention_2d
     with ops.no_autocast(q):
         return run(q, k, v, cfg=cfg, kg=k_proj, vg=v_proj, global_k=global_k, global_v=global_v,
                    rel_pos_bias=rel_pos_bias, pad=key_padding_mask)

@@ -16,10 +16,12 @@ ALLOWED = {
     "torch_backend": {"config", "common", "cache", "torch_backend"},
     "triton_backend": {"config", "common", "cache", "triton_backend"},
     "ops": {"config", "common", "cache", "torch_backend", "triton_backend"},
-    "api": {"config", "common", "cache", "checks", "ops", "torch_backend"},
+    "vision_ops": {"config", "common", "cache", "torch_backend", "triton_backend", "ops"},
+    "api": {"config", "common", "cache", "checks", "ops", "vision_ops", "torch_backend"},
     "distributed": {"config", "common", "checks", "ops", "torch_backend"},
     "layer": {"config", "common", "cache", "checks", "api", "distributed"},
-    "__init__": {"api", "cache", "layer"},
+    "layer2d": {"config", "common", "checks", "api"},
+    "__init__": {"api", "cache", "layer", "layer2d"},
 }
 
 

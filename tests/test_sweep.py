@@ -145,3 +145,20 @@ def test_traffic_counter_delta_prepass():
     res = run("traffic.py", "--preset", "charlm", "--seqlen", "64")
     backward = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| charlm | backward")]
     assert f"ls_bwd_delta_kernel {8 * (64 * (2 + 2 + 2) + 4)}" in backward[0][5]
+
+
+def test_vil_preset_sweeps_square_grids(tmp_path):
+    """--preset vil: points on the square grids 56^2, 80^2, ... tokens; full attention with a bias over the
+    whole grid materializes (H, N, N) scores and bias, and runs out of a small budget before ls does."""
+    out = tmp_path / "vil.csv"
+    res = run("sweep.py", "--preset", "vil", "--max-seqlen", "12544", "--batches", "1", "--methods", "ls",
+              "full_naive", "--modes", "fwd", "--memory-budget", "0.75", "--threads", "1", "--out", str(out))
+    df = pd.read_csv(out)
+    t = df[df.metric == "time"]
+    assert set(t.config) == {"vil 2d H=3 D=32 w=8 r=8 cls bias fp32"}
+    assert set(df.status) <= {"ok", "oom", "timeout"}, df[df.status == "error"].note.tolist()
+    ls = t[t.method == "ls"].sort_values("seqlen")
+    assert list(ls.seqlen) == [56 ** 2, 80 ** 2, 112 ** 2] and (ls.status == "ok").all()
+    naive = t[t.method == "full_naive"]
+    assert "oom" in set(naive.status)  # 3 heads x 12544^2 x 4 B = 1.8 GiB of scores alone
+    assert "skipping" not in res.stdout
