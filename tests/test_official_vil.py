@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import ls_kernels.layer2d as layer2d
 from ls_kernels import LongShortAttention2d, ls_attention_2d_projected
-from ls_kernels.config import rel_pos_rows
+from ls_kernels.config import INTERPRET, rel_pos_rows
 from reference import ls_attention_2d_ref
 
 COMMIT = "1527c5cc760daf1432a5c5c1fdc2ffb2f074c969"
@@ -158,6 +158,19 @@ def test_from_official_vil_matches_official_equations(c):
         out = layer(x, grid=(n, n))
         ref = official_vil_forward(sd, x, n, H, w, r, nglo=1)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_from_official_vil_on_the_kernels():
+    """The layer on the Triton kernels (the interpreter without a GPU) against the official equations, w 7."""
+    E, H, w, r, n, _ = CASES[0]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sd = {k: v.to(dev) for k, v in official_state_dict(E, H, w, r).items()}
+    x = torch.randn(2, 1 + n * n, E, generator=torch.Generator().manual_seed(1)).to(dev)
+    layer = LongShortAttention2d.from_official_vil(sd, num_heads=H, window=w, rank=r, backend="triton")
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, grid=(n, n)), official_vil_forward(sd, x, n, H, w, r, nglo=1),
+                                   atol=2e-5, rtol=1e-5)
 
 
 def test_from_official_vil_gradients_match():
