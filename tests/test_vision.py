@@ -223,3 +223,13 @@ def test_nothing_to_attend_raises():
         ls_attention_2d(q, q, q, grid=(3, 4), window=0)
     with pytest.raises(ValueError, match="window, k_proj and global_k"):
         ls_attention_2d_projected(q, q, q, grid=(3, 4), window=0)
+
+
+def test_torch_compile_gives_the_eager_numbers():
+    """torch.compile of ls_attention_2d on the blocked path: the eager output and gradients (bias table
+    included), to fp32 rounding."""
+    inputs, mask, settings = vision_inputs(VISION_CASES[3])
+    compiled = torch.compile(blocked_2d)
+    eager = run_2d(blocked_2d, inputs, mask, settings, torch.float32)
+    got = run_2d(compiled, inputs, mask, settings, torch.float32)
+    assert_matches(got, {n: t.double() for n, t in eager.items()}, rtol=1e-5)
