@@ -2,7 +2,7 @@
 of the attention of each patch token to its neighbourhood (normalised window keys, plus the expanded
 relative-position bias) and to the keys every query sees (projected vectors and global keys, normalised).
 
-The LayerNorms, the projection and the bias table's expansion run before these launchers (``ops``), under
+The LayerNorms, the projection and the bias table's expansion run before these launchers (``vision_ops``), under
 autograd; the gradients here are those of q, the window keys and values, the keys every query sees and the
 expanded bias. Deterministic: the keys every query sees get theirs from the one-dimensional dKg/dVg kernels
 (``launch``: the order of the queries does not matter to them), the bias from per-program partials summed
