@@ -137,9 +137,14 @@ def official_vil_forward(sd, x, n, H, w, r, nglo, scale=None, elementwise_global
     return linear("proj", out.transpose(1, 2).reshape(B, T, E))
 
 
-# the official launch scripts' windows: w 7 at 224 px (56 x 56 stage-1 grid), w 8 at 384 px (96 x 96); r 8, one
-# CLS token, bias on; here on grids of two patches a side (the rule is the same on every patch)
+# the official launch scripts' long-short stages (imagenet/launch/eval/eval_medium_224.sh and _384.sh: stage 1
+# d96 h3, stage 2 d192 h3, f7 at 224 px and f8 at 384 px, r8, one CLS token, bias on): the stage grids of a
+# 224 px image (56 x 56, 28 x 28) and of a 384 px one (96 x 96, 48 x 48); then small grids of two patches a side
 CASES = [  # E, H, w, r, n, qkv_bias
+    (96, 3, 7, 8, 56, True),
+    (192, 3, 7, 8, 28, True),
+    (96, 3, 8, 8, 96, True),
+    (192, 3, 8, 8, 48, True),
     (48, 3, 7, 8, 14, True),
     (48, 3, 8, 8, 16, False),
     (32, 2, 2, 3, 6, True),  # the smallest window with a bias table
@@ -163,7 +168,7 @@ def test_from_official_vil_matches_official_equations(c):
 @pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1")
 def test_from_official_vil_on_the_kernels():
     """The layer on the Triton kernels (the interpreter without a GPU) against the official equations, w 7."""
-    E, H, w, r, n, _ = CASES[0]
+    E, H, w, r, n, _ = CASES[4]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sd = {k: v.to(dev) for k, v in official_state_dict(E, H, w, r).items()}
     x = torch.randn(2, 1 + n * n, E, generator=torch.Generator().manual_seed(1)).to(dev)
