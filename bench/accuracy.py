@@ -91,31 +91,28 @@ def measure_2d(name, dtype):
             for n in ref}
 
 
+def print_table(label, configs, measure_fn, dtypes):
+    """One markdown row per (dtype, config): each output's and gradient's errors as measure_fn gives them."""
+    cols = None
+    for dt in dtypes:
+        for name in configs:
+            errs = measure_fn(name, DTYPES[dt])
+            if cols is None:
+                cols = list(errs)
+                print(f"| {label} | dtype | " + " | ".join(cols) + " |")
+                print("|---|---|" + "---|" * len(cols))
+            print(f"| {name} | {dt} | " + " | ".join(f"{a:.1e} ({b:.1e})" for a, b in errs.values()) + " |",
+                  flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="fp32,fp16", help="comma-separated from fp32, fp16, bf16")
     args = parser.parse_args()
-    cols = None
-    for dt in args.dtypes.split(","):
-        for name in PAPER:
-            errs = measure(name, DTYPES[dt])
-            if cols is None:
-                cols = list(errs)
-                print("| config | dtype | " + " | ".join(cols) + " |")
-                print("|---|---|" + "---|" * len(cols))
-            print(f"| {name} | {dt} | " + " | ".join(f"{a:.1e} ({b:.1e})" for a, b in errs.values()) + " |",
-                  flush=True)
+    dtypes = args.dtypes.split(",")
+    print_table("config", PAPER, measure, dtypes)
     print("\neach cell: kernel max abs error vs fp64 reference (same-dtype PyTorch path's error)\n")
-    cols = None
-    for dt in args.dtypes.split(","):
-        for name in VISION:
-            errs = measure_2d(name, DTYPES[dt])
-            if cols is None:
-                cols = list(errs)
-                print("| 2D config | dtype | " + " | ".join(cols) + " |")
-                print("|---|---|" + "---|" * len(cols))
-            print(f"| {name} | {dt} | " + " | ".join(f"{a:.1e} ({b:.1e})" for a, b in errs.values()) + " |",
-                  flush=True)
+    print_table("2D config", VISION, measure_2d, dtypes)
 
 
 if __name__ == "__main__":

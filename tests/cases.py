@@ -138,11 +138,17 @@ def check_case(c, attention=_blocked):
     ref = run(ls_attention_ref, c, inputs, mask, torch.float64)
     got64 = run(attention, c, inputs, mask, torch.float64)
     got32 = run(attention, c, inputs, mask, torch.float32)
+    assert_blocked_results(got64, got32, ref, mask)
+
+
+def assert_blocked_results(got64, got32, ref, mask):
+    """Outputs and gradients of a blocked path in fp64 and fp32 against the fp64 reference's, all finite, and
+    zero at padded positions (mask (B, N) or None) for the output and the gradients of q, k, v, proj."""
     assert_matches(got64, ref, rtol=1e-10)
     assert_matches(got32, ref, rtol=1e-5)
     for name, t in got32.items():
         assert torch.isfinite(t).all(), name
-    if mask is not None:  # padded positions: zero output, zero gradients of q, k, v, proj
+    if mask is not None:
         for name in ("out", "q", "k", "v", "proj"):
             if name in got32:
                 assert (got32[name].transpose(1, 2)[mask] == 0).all(), name

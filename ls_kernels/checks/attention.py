@@ -191,26 +191,38 @@ def check_projected_attention(q, k, v, k_proj, v_proj, *, window, causal, chunk,
     return cfg, triton
 
 
-def _check_projected(q, k_proj, v_proj, causal, chunk):
-    """Validate the projected keys and values; returns the rank r."""
-    if (k_proj is None) != (v_proj is None):
-        raise ValueError("k_proj and v_proj must both be tensors or both be None, got "
-                         f"{type(k_proj).__name__} and {type(v_proj).__name__}")
-    if k_proj is None:
-        return 0
-    B, H, N, D = q.shape
-    for name, x in (("k_proj", k_proj), ("v_proj", v_proj)):
+def _check_key_pair(q, names, keys, values, same_dtype):
+    """Keys and values (names: their argument names) both None, or (B, H, G, D) tensors of one shape on q's
+    device, in q's dtype (same_dtype) or any float dtype. Returns G, or None for absent ones."""
+    if (keys is None) != (values is None):
+        raise ValueError(f"{names[0]} and {names[1]} must both be tensors or both be None, got "
+                         f"{type(keys).__name__} and {type(values).__name__}")
+    if keys is None:
+        return None
+    B, H, _, D = q.shape
+    for name, x in zip(names, (keys, values)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
         if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (B, H, D):
             raise ValueError(f"{name} must have shape (B, H, G, D) = ({B}, {H}, G, {D}), got {tuple(x.shape)}")
+        if same_dtype and x.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be a float tensor, got dtype {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    if v_proj.shape != k_proj.shape:
-        raise ValueError(f"v_proj must have the shape of k_proj {tuple(k_proj.shape)}, got {tuple(v_proj.shape)}")
-    G = k_proj.shape[2]
+    if values.shape != keys.shape:
+        raise ValueError(f"{names[1]} must have the shape of {names[0]} {tuple(keys.shape)}, "
+                         f"got {tuple(values.shape)}")
+    return keys.shape[2]
+
+
+def _check_projected(q, k_proj, v_proj, causal, chunk):
+    """Validate the projected keys and values; returns the rank r."""
+    G = _check_key_pair(q, ("k_proj", "v_proj"), k_proj, v_proj, same_dtype=False)
+    if G is None:
+        return 0
+    N = q.shape[2]
     if not causal:
         return G
     nc = N // chunk

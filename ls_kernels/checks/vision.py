@@ -5,7 +5,7 @@ import numbers
 import torch
 
 from ..config import LS2DConfig, default_scale, rel_pos_rows
-from .attention import (FLOAT_DTYPES, _check_backend, _check_eps, _check_ln, _check_mask,
+from .attention import (FLOAT_DTYPES, _check_backend, _check_key_pair, _check_eps, _check_ln, _check_mask,
                         _check_projected, _check_proj, _check_qkv, _check_scale, _check_scores_fit, _check_window,
                         _ln_norm_bound, _max_row_norm, use_triton)
 
@@ -24,25 +24,7 @@ def _check_grid(grid, N):
 
 def _check_global(q, global_k, global_v):
     """global_k, global_v: both None, or (B, H, G, D) in q's dtype and device; returns G."""
-    if (global_k is None) != (global_v is None):
-        raise ValueError("global_k and global_v must both be tensors or both be None, got "
-                         f"{type(global_k).__name__} and {type(global_v).__name__}")
-    if global_k is None:
-        return 0
-    B, H, _, D = q.shape
-    for name, x in (("global_k", global_k), ("global_v", global_v)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
-        if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3]) != (B, H, D):
-            raise ValueError(f"{name} must have shape (B, H, G, D) = ({B}, {H}, G, {D}), got {tuple(x.shape)}")
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-    if global_v.shape != global_k.shape:
-        raise ValueError(f"global_v must have the shape of global_k {tuple(global_k.shape)}, "
-                         f"got {tuple(global_v.shape)}")
-    return global_k.shape[2]
+    return _check_key_pair(q, ("global_k", "global_v"), global_k, global_v, same_dtype=True) or 0
 
 
 def _check_rel_pos_bias(table, window, H, q):
