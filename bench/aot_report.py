@@ -31,7 +31,7 @@ from ls_kernels.config import HALF_DTYPES  # noqa: E402
 from ls_kernels.triton_backend import launch  # noqa: E402
 from ls_kernels.triton_backend import decode as dec  # noqa: E402
 from ls_kernels.triton_backend import projection as prj  # noqa: E402
-from ls_kernels.triton_backend.args import block_d  # noqa: E402
+from ls_kernels.triton_backend.args import HOPPER, block_d  # noqa: E402
 from ls_kernels.triton_backend.kernels import backward as bwd_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import decode as dec_kernels  # noqa: E402
 from ls_kernels.triton_backend.kernels import forward as fwd_kernels  # noqa: E402
@@ -60,15 +60,15 @@ def _split_types(dtype, acc):
     return {name: part for name in ("DK_HI", "DK_LO", "DV_HI", "DV_LO")}
 
 
-def kernel_specs(dtype, D, pad=True):
-    """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs,
-    with padding (pad) or without."""
+def kernel_specs(dtype, D, pad=True, arch=HOPPER):
+    """(label, jit fn, {pointer arg: type}, {constexpr: value}, num_warps, num_stages) at the default configs
+    of compute capability arch, with padding (pad) or without."""
     t, acc = TL_TYPES[dtype], _acc(dtype)
     fp64 = dtype == torch.float64
     BLOCK_D = block_d(D)
     specs = []
     BLOCK_M, BLOCK_N, warps, stages = launch.fwd_config(D, dtype, gpu_tiles=True)
-    bwd = launch.bwd_config(D, dtype, gpu_tiles=True)
+    bwd = launch.bwd_config(D, dtype, gpu_tiles=True, arch=arch)
     rows = launch.ROWS_PER_PROGRAM
     types = {"K": t, "V": t, "PAD": "i8", "LNW": acc, "LNB": acc, "SCALARS": acc, "KN": t, "VN": t, "LN_STATS": acc}
     const = dict(HEAD_DIM=D, HAS_PAD=pad, BLOCK_N=rows, BLOCK_D=BLOCK_D)
@@ -103,7 +103,7 @@ def kernel_specs(dtype, D, pad=True):
                  **_split_types(dtype, acc)}
         # the projection backward inside where it runs there (its tiles at r = 32), else its gradients read
         _, br, _, precision = prj.proj_bwd_config(D, r=32, seg_len=4096, dtype=dtype)
-        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, PROJ_BWD=prj.runs_in_kernel(causal, D), HAS_LN=True,
+        const = dict(flags, HAS_LOCAL=True, SRC_MODE=1, PROJ_BWD=prj.runs_in_kernel(causal, D, True), HAS_LN=True,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, PROJ_PRECISION=precision, SPLIT=dtype in HALF_DTYPES)
         specs.append((f"_ls_bwd_dkv_kernel[{mode}]", bwd_kernels._ls_bwd_dkv_kernel, types, const, w, st))
 
@@ -211,8 +211,9 @@ def report(dtypes, dims, archs):
     rows = []
     for dtype in dtypes:
         for D in dims:
-            for label, fn, types, const, warps, stages in kernel_specs(dtype, D):
-                for arch in archs:
+            per_arch = {arch: kernel_specs(dtype, D, arch=arch) for arch in archs}  # the same kernels, in order
+            for specs in zip(*per_arch.values()):
+                for arch, (label, fn, types, const, warps, stages) in zip(per_arch, specs):
                     compiled = compile_kernel(fn, types, const, warps, stages, arch)
                     regs, spills = resource_usage(compiled)
                     rows.append(dict(kernel=label, target=f"sm_{arch}{'a' if arch == 90 else ''}",

@@ -157,8 +157,10 @@ def test_strided_layouts_match_contiguous():
 
 GPU_TILE_CASES = [  # the tiles a GPU launches, in the interpreter: (causal, N, D, w, r, chunk, pad, after)
     (False, 160, 64, 8, 32, 16, "rows", True),  # narrow forward tiles, delta in dKg/dVg, projection bwd in dK/dV
-    (False, 130, 48, 32, 80, 16, "none", False),  # two blocks of projected vectors: delta pre-pass; raw k_P, v_P
+    (False, 130, 48, 32, 80, 16, "none", False),  # two blocks of projected vectors: delta pre-pass; raw k_P, v_P:
+    # the projection backward's own kernel
     (True, 150, 64, 16, 2, 16, "chunk", False),  # causal chunks: the projection backward's own kernel
+    (True, 160, 64, 48, 4, 32, "rows", True),  # causal, wide forward tiles
     (False, 96, 128, 16, 16, 16, "rows", True),  # D 128: the projection backward's own kernel
 ]
 

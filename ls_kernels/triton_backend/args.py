@@ -26,6 +26,19 @@ def block_g(NG, BLOCK_N):
     return max(16, min(BLOCK_N, next_pow2(max(NG, 1))))
 
 
+# the compute capability the default tiles are chosen for (H100); older GPUs take smaller tiles (launch.py)
+HOPPER = 90
+
+
+def gpu_arch(device):
+    """Compute capability of a CUDA device as an int (80 for sm_80, 90 for sm_90a); HOPPER for any other
+    device (tiles there only matter to tests that run the GPU's tiles in the interpreter)."""
+    if device.type != "cuda":
+        return HOPPER
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def make_scalars(scale, eps, dtype, device):
     """[4] in the accumulation dtype, read by kernels/common._load_scalars: the score scale in the kernels' exp
     units (times log2(e) unless fp64), eps, 0, the plain score scale."""

@@ -12,8 +12,8 @@ import triton
 
 from ..common import given_visibility
 from ..config import HALF_DTYPES, INTERPRET, LSConfig
-from .args import (absent, bhn_strides, block_d, block_g, gvis_int8, kernel_dtype, ln_params, make_scalars,
-                   pad_int8)
+from .args import (HOPPER, absent, bhn_strides, block_d, block_g, gpu_arch, gvis_int8, kernel_dtype, ln_params,
+                   make_scalars, pad_int8)
 from .kernels.backward import (_ls_bwd_delta_kernel, _ls_bwd_dkv_global_combine_kernel, _ls_bwd_dkv_global_kernel,
                                _ls_bwd_dkv_kernel, _ls_bwd_dq_kernel)
 from .kernels.forward import _ls_fwd_kernel
@@ -64,20 +64,21 @@ def fwd_config(D, dtype, gpu_tiles=GPU_TILES, window_span=0):
     return Tiles(64, NARROW_BLOCK_N if 0 < window_span <= NARROW_BLOCK_N else 64, 4, 2)
 
 
-def bwd_config(D, dtype, gpu_tiles=GPU_TILES):
-    """Default tiles of the backward kernels {"dq", "dkv", "dkv_global"}, chosen like the forward's: zero
-    spills on sm_80 and sm_90a. The IEEE fp32 FMA dots need one stage (pipelining doubles their registers)."""
+def bwd_config(D, dtype, gpu_tiles=GPU_TILES, arch=HOPPER):
+    """Default tiles of the backward kernels {"dq", "dkv", "dkv_global"} on a GPU of compute capability arch:
+    zero spills on sm_80 and sm_90a (IEEE fp32 FMA dots: one stage). fp16/bf16 at D <= 64: 128-query dQ blocks,
+    64-key dK/dV blocks on sm_90a (32 below, where 64 spill): the work outside the loops shared by more rows."""
     if not gpu_tiles:
         return dict(dq=_INTERPRETER_TILES, dkv=_INTERPRETER_TILES, dkv_global=_INTERPRETER_TILES)
     if dtype == torch.float64:
-        t = Tiles(16, 16, 4, 1)
-        return dict(dq=t, dkv=t, dkv_global=t)
+        return dict.fromkeys(("dq", "dkv", "dkv_global"), Tiles(16, 16, 4, 1))
     if dtype == torch.float32:
         if D <= 64:
             return dict(dq=Tiles(32, 16, 8, 2), dkv=Tiles(16, 16, 8, 2), dkv_global=Tiles(16, 16, 8, 2))
         return dict(dq=Tiles(16, 16, 8, 2), dkv=Tiles(32, 16, 8, 1), dkv_global=Tiles(16, 16, 4, 1))
     if D <= 64:
-        return dict(dq=Tiles(64, 32, 4, 2), dkv=Tiles(32, 32, 4, 1), dkv_global=Tiles(32, 64, 4, 2))
+        return dict(dq=Tiles(128, 32, 4, 2), dkv=Tiles(32, 64 if arch >= HOPPER else 32, 4, 1),
+                    dkv_global=Tiles(32, 64, 4, 2))
     return dict(dq=Tiles(32, 32, 8, 2), dkv=Tiles(16, 32, 8, 2), dkv_global=Tiles(32, 32, 8, 2))
 
 
@@ -407,7 +408,7 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, 
     offsets = cfg.offsets(N, Nk)
     NG = projected.kg.shape[2]
     gvis = gvis_int8(pad, B, Nk, max(cfg.rank, 1), cfg.causal, cfg.chunk, NG, q.device, given=gvis)
-    tiles = bwd_config(D, q.dtype, gpu_tiles)
+    tiles = bwd_config(D, q.dtype, gpu_tiles, arch=gpu_arch(q.device))
     where = dict(cfg=cfg, pad8=pad8, stride_pad=stride_pad, offsets=offsets, scalars=scalars)
     delta_here = delta_in_dkv_global(cfg, NG, tiles, D, q.dtype)
     delta = torch.empty(B, H, N, dtype=acc, device=q.device) if delta_here else \
@@ -422,7 +423,7 @@ def backward(do, q, k, v, *, cfg: LSConfig, o, lse, o_res=None, projected=None, 
                            out=(o, o_res) if delta_here else None, **where)
         if proj is None:
             grads.update(kg=glob.dk_raw, vg=glob.dv_raw)
-        elif not runs_in_kernel(cfg.causal, D):  # the projection backward's own kernel
+        elif not runs_in_kernel(cfg.causal, D, cfg.project_after_ln):  # the projection backward's own kernel
             grads.update(ln_global_weight=glob.ln_weight, ln_global_bias=glob.ln_bias)
             grads["proj"], dk_src, dv_src, src_len = projection_backward(
                 proj=_kernel_proj(proj, acc), k=k, v=v, pad8=pad8, stride_pad=stride_pad,

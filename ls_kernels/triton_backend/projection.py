@@ -84,10 +84,12 @@ class InKernelBackward(NamedTuple):
     precision: str
 
 
-def runs_in_kernel(causal, D):
-    """Whether the dK/dV kernel runs the projection backward: one group (bidirectional), at head dims whose
-    fused kernel compiles without spills on sm_80 and sm_90a (bench/aot_report.py); else its own kernel."""
-    return not causal and D <= _IN_KERNEL_MAX_DIM
+def runs_in_kernel(causal, D, project_after_ln):
+    """Whether the dK/dV kernel runs the projection backward: one group (bidirectional) of LN_L(k), LN_L(v)
+    rows, at head dims whose fused kernel compiles without spills on sm_90a (bench/aot_report.py); else its
+    own kernel. (Raw rows would keep the keys' gradients in registers through the values' LN_L backward and
+    the raw rows' reload: the fused kernel spills at its tiles.)"""
+    return not causal and project_after_ln and D <= _IN_KERNEL_MAX_DIM
 
 
 def in_kernel_backward(*, proj, k, projected, raw):

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .common import (_affine_rows, _batch_head, _dot, _exp, _layer_norm_rows_bwd, _load_ln, _load_ln_stats,
-                     _load_rows, _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _tile)
+                     _load_rows, _load_scalars, _load_tile, _normalize_rows, _query_block, _real_rows, _sum_pair, _tile)
 from .projection import _proj_rows_bwd
 from .visibility import _query_bounds, _tile_split, _visit_keys
 
@@ -119,7 +119,7 @@ def _key_block_grads(dk, dv, k, v, q_base, do_base, stride_qn, stride_don, lse_b
 
 
 @triton.jit
-def _add_projection_grads(dk, dv, k_p, v_p, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b, off_h, stride_pb,
+def _add_projection_grads(dk, dv, k_p, v_p, key_ok, mask_n, src_nd, offs_n, row, out, PROJ, off_b, off_h, stride_pb,
                           stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT, DPROJ, DK_SRC, DV_SRC,
                           offs_d, mask_d, zero, H, RANK, SRC_LEN, PROJ_BWD: tl.constexpr, IS_FP64: tl.constexpr,
                           PROJ_PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -133,10 +133,19 @@ def _add_projection_grads(dk, dv, k_p, v_p, key_ok, mask_n, mask_nd, offs_n, row
                                 DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT, DPROJ, row, offs_d, mask_d, zero, RANK, IS_FP64,
                                 PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
     else:
-        src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]
         dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
         dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
     return dk, dv
+
+
+@triton.jit
+def _ln_rows_bwd(dy, x_base, offs_n, stride_xn, row_ok, offs_d, mask_d, mean, rstd, ln_w, HEAD_DIM: tl.constexpr):
+    """LN_L backward of rows: dx [BLOCK_N, BLOCK_D] from dy = dL/d LN_L(x), the raw rows reloaded from x_base
+    (their statistics mean, rstd [BLOCK_N]), and the rows' contributions to the weight and bias gradients
+    [BLOCK_D]."""
+    x_hat = (_load_rows(x_base, offs_n, stride_xn, row_ok, offs_d, mask_d) - mean[:, None]) * rstd[:, None]
+    dlnw, dlnb = _sum_pair(dy * x_hat, dy, 0)
+    return _layer_norm_rows_bwd(dy * ln_w[None, :], x_hat, rstd, HEAD_DIM), dlnw, dlnb
 
 
 @triton.jit
@@ -173,9 +182,9 @@ def _ls_bwd_dkv_kernel(
     (no atomics), runs the LN_L backward in registers and writes per-block LN_L weight and bias sums. The
     projection's gradients of what it read (positions below SRC_LEN) are added before the LN_L backward when
     it read LN_L(k), LN_L(v) (SRC_MODE 1) or after it when it read raw k, v (SRC_MODE 2): read from DK_SRC,
-    DV_SRC, or with PROJ_BWD (one group of RANK projected vectors over all NK positions: bidirectional)
-    computed here, the projection's backward at the block's rows (dproj stored) in BLOCK_R rank columns at a
-    time."""
+    DV_SRC, or with PROJ_BWD (SRC_MODE 1 only; one group of RANK projected vectors over all NK positions:
+    bidirectional) computed here, the projection's backward at the block's rows (dproj stored) in BLOCK_R rank
+    columns at a time. The keys' gradients are finished and stored before the values' LN_L backward."""
     pid_n, off_h, off_b = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     offs_n, mask_n = _tile(start_n, BLOCK_N, NK)
@@ -233,30 +242,29 @@ def _ls_bwd_dkv_kernel(
         dk = tl.where(key_ok[:, None], dk * scale, 0.0)  # padded keys and rows past NK have no gradient
         dv = tl.where(key_ok[:, None], dv, 0.0)
 
+    src_nd = mask_nd & (offs_n < SRC_LEN)[:, None]  # the rows the projection read (DK_SRC, DV_SRC)
     if SRC_MODE == 1:  # gradients of LN_L(k), LN_L(v) (as above) through the projection
-        dk, dv = _add_projection_grads(dk, dv, k, v, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b, off_h,
+        dk, dv = _add_projection_grads(dk, dv, k, v, key_ok, mask_n, src_nd, offs_n, row, out, PROJ, off_b, off_h,
                                        stride_pb, stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO, COL_DOT,
                                        DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN, PROJ_BWD,
                                        IS_FP64, PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
-    if HAS_LN:  # x_hat reloaded rather than held in registers through the loop
-        k_hat = (_load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d) - k_mean[:, None]) * k_rstd[:, None]
-        v_hat = (_load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d) - v_mean[:, None]) * v_rstd[:, None]
+    if HAS_LN:  # the statistics, the weight and x_hat reloaded rather than held in registers through the loops
+        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n,
+                                                        tl.num_programs(2).to(tl.int64) * H * NK)
+        ln_w, _ = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
-        tl.store(DLNW_PART + part, tl.sum(dk * k_hat + dv * v_hat, axis=0), mask=mask_d)
-        tl.store(DLNB_PART + part, tl.sum(dk + dv, axis=0), mask=mask_d)
-        dk = _layer_norm_rows_bwd(dk * ln_w[None, :], k_hat, k_rstd, HEAD_DIM)
-        dv = _layer_norm_rows_bwd(dv * ln_w[None, :], v_hat, v_rstd, HEAD_DIM)
-    if SRC_MODE == 2:  # gradients of raw k, v through the projection
-        if PROJ_BWD:  # the rows it read
-            k_raw = _load_rows(k_base, offs_n, stride_kn, key_ok, offs_d, mask_d)
-            v_raw = _load_rows(v_base, offs_n, stride_vn, key_ok, offs_d, mask_d)
-        else:  # (unread: its gradients come from DK_SRC, DV_SRC)
-            k_raw, v_raw = k, v
-        dk, dv = _add_projection_grads(dk, dv, k_raw, v_raw, key_ok, mask_n, mask_nd, offs_n, row, out, PROJ, off_b,
-                                       off_h, stride_pb, stride_ph, stride_pn, COL_LSE, DK_HI, DK_LO, DV_HI, DV_LO,
-                                       COL_DOT, DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN,
-                                       PROJ_BWD, IS_FP64, PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)
+        dk, dlnw, dlnb = _ln_rows_bwd(dk, k_base, offs_n, stride_kn, key_ok, offs_d, mask_d, k_mean, k_rstd, ln_w,
+                                      HEAD_DIM)
+    if SRC_MODE == 2:
+        dk += tl.load(DK_SRC + out, mask=src_nd, other=0.0)
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)  # final: its registers free for the values'
+    if HAS_LN:
+        dv, dlnw_v, dlnb_v = _ln_rows_bwd(dv, v_base, offs_n, stride_vn, key_ok, offs_d, mask_d, v_mean, v_rstd,
+                                          ln_w, HEAD_DIM)
+        tl.store(DLNW_PART + part, dlnw + dlnw_v, mask=mask_d)
+        tl.store(DLNB_PART + part, dlnb + dlnb_v, mask=mask_d)
+    if SRC_MODE == 2:
+        dv += tl.load(DV_SRC + out, mask=src_nd, other=0.0)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
 
 

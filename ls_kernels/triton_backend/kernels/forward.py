@@ -46,8 +46,8 @@ def _ls_fwd_kernel(
         WINDOW, HALF, CHUNK, RANK, CAUSAL, HAS_LOCAL, HAS_GLOBAL, HAS_PAD, HEAD_DIM, HEAD_DIM == BLOCK_D, IS_FP64,
         PRECISION, BLOCK_N, BLOCK_G, DQ=False)
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
     l_safe = tl.where(seen, l_i, 1.0)
+    out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
     if IS_FP64:  # the logsumexp in the scores' units
         log_l = tl.log(l_safe)
     else:
