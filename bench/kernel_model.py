@@ -41,7 +41,7 @@ from aot_report import CUOBJDUMP, TL_TYPES, compile_kernel, kernel_specs, resour
 from ls_kernels.config import LSConfig  # noqa: E402
 from ls_kernels.triton_backend.args import block_d  # noqa: E402
 from ls_kernels.triton_backend import projection as prj  # noqa: E402
-from ls_kernels.triton_backend.launch import NARROW_BLOCK_N, fwd_config  # noqa: E402
+from ls_kernels.triton_backend.launch import NARROW_BLOCK_N, bwd_config, fwd_config  # noqa: E402
 
 ARCH = 90
 # H100 (sm_90): per SM
@@ -81,20 +81,25 @@ def _plain_fwd_kernel(Q, K, V, O, N, qk_scale,
     tl.store(O + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty))
 
 
-def plain_spec(dtype, D, window_span=0):
+def plain_spec(dtype, D, window_span=0, dq_tiles=False):
     """(label, fn, types, constexprs, warps, stages) of the plain forward at the long-short forward's tiles
-    (for windows of window_span keys)."""
-    tiles = fwd_config(D, dtype, gpu_tiles=True, window_span=window_span)
+    (for windows of window_span keys), or with dq_tiles at the dQ kernel's (the yardstick of its loops)."""
+    if dq_tiles:
+        tiles, label = bwd_config(D, dtype, gpu_tiles=True)["dq"], "_plain_fwd_kernel[dq]"
+    else:
+        tiles = fwd_config(D, dtype, gpu_tiles=True, window_span=window_span)
+        label = "_plain_fwd_kernel" if window_span == 0 else "_plain_fwd_kernel[narrow]"
     t = TL_TYPES[dtype]
-    label = "_plain_fwd_kernel" if window_span == 0 else "_plain_fwd_kernel[narrow]"
     return (label, _plain_fwd_kernel, {"Q": t, "K": t, "V": t, "O": t},
             dict(HEAD_DIM=block_d(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n), tiles.num_warps, tiles.num_stages)
 
 
 def plain_specs(dtype, D):
-    """plain_spec at the default tiles, and at the narrow tiles of small windows where they differ."""
-    wide, narrow = plain_spec(dtype, D), plain_spec(dtype, D, window_span=NARROW_BLOCK_N)
-    return [wide] + ([narrow] if narrow[3] != wide[3] else [])
+    """plain_spec at the default tiles, and at the narrow tiles of small windows and the dQ kernel's tiles
+    where they differ."""
+    specs = [plain_spec(dtype, D), plain_spec(dtype, D, window_span=NARROW_BLOCK_N),
+             plain_spec(dtype, D, dq_tiles=True)]
+    return [x for i, x in enumerate(specs) if all(x[3:] != y[3:] for y in specs[:i])]
 
 
 def sass(compiled):
@@ -308,6 +313,9 @@ def main(argv=None):
         _, fn, types, const, warps, stages = plain_spec(perf_model.DTYPES[pc.dtype], pc.dim, window_span=span)
         (body,) = loops(sass(compile_kernel(fn, types, const, warps, stages, ARCH)))
         r["plain_loop_instructions"] = body["instructions"]
+        _, fn, types, const, warps, stages = plain_spec(perf_model.DTYPES[pc.dtype], pc.dim, dq_tiles=True)
+        (body,) = loops(sass(compile_kernel(fn, types, const, warps, stages, ARCH)))
+        r["plain_dq_loop_instructions"] = body["instructions"]  # the yardstick of the dQ kernel's loops
     rows = kernel_rows(dtypes, dims, a.dump) if a.dump or not a.json else []
     if a.json:
         print(json.dumps(results, default=lambda x: x.item()))  # numpy scalars as Python numbers
