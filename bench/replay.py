@@ -217,7 +217,8 @@ def runs(pc):
     dkv_program = t.block_n * (8 * row + 4 * ACC_BYTES) + 2 * acc_row
     # dKraw, dVraw (a high and a low part in the inputs' dtype), logsumexp, col_dot of one rank column
     proj_rank_bytes = 4 * row + 2 * ACC_BYTES
-    if not projection.runs_in_kernel(pc.causal, D, pc.project_after_ln):  # the projection backward's own kernel; dK/dV reads its gradients
+    # the projection backward's own kernel; dK/dV reads its gradients
+    if not projection.runs_in_kernel(pc.causal, D, pc.project_after_ln):
         bseg = pc.chunk if pc.causal else N
         RBN, RBR, _, _ = projection.proj_bwd_config(D, r, bseg, dtype)
         b_seg_len, b_n_seg = (pc.chunk, N // pc.chunk) if pc.causal else projection._bidirectional_segments(N, BH)

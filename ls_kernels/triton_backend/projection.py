@@ -86,9 +86,9 @@ class InKernelBackward(NamedTuple):
 
 def runs_in_kernel(causal, D, project_after_ln):
     """Whether the dK/dV kernel runs the projection backward: one group (bidirectional) of LN_L(k), LN_L(v)
-    rows, at head dims whose fused kernel compiles without spills on sm_90a (bench/aot_report.py); else its
-    own kernel. (Raw rows would keep the keys' gradients in registers through the values' LN_L backward and
-    the raw rows' reload: the fused kernel spills at its tiles.)"""
+    rows, at head dims whose fused kernel compiles without spills on sm_80 and sm_90a (bench/aot_report.py);
+    else its own kernel. (Raw rows would keep the keys' gradients in registers through the values' LN_L
+    backward and the raw rows' reload: the fused kernel spills at sm_90a's tiles.)"""
     return not causal and project_after_ln and D <= _IN_KERNEL_MAX_DIM
 
 

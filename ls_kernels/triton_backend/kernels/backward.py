@@ -200,9 +200,9 @@ def _ls_bwd_dkv_kernel(
     row = (off_b * H + off_h) * NK + offs_n.to(tl.int64)  # [BLOCK_N]
     out = row[:, None] * HEAD_DIM + offs_d[None, :]
     mask_nd = mask_n[:, None] & mask_d[None, :]
+    ln_plane = tl.num_programs(2).to(tl.int64) * H * NK  # LN_STATS' planes are B * H * NK apart
     if HAS_LN:  # the forward's statistics: no reductions here
-        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n,
-                                                            tl.num_programs(2).to(tl.int64) * H * NK)
+        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n, ln_plane)
         k = _affine_rows(k + zero, k_mean, k_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
         v = _affine_rows(v + zero, v_mean, v_rstd, ln_w, ln_b).to(Q.dtype.element_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32) + zero
@@ -249,8 +249,7 @@ def _ls_bwd_dkv_kernel(
                                        DPROJ, DK_SRC, DV_SRC, offs_d, mask_d, zero, H, RANK, SRC_LEN, PROJ_BWD,
                                        IS_FP64, PROJ_PRECISION, SPLIT, BLOCK_R, HEAD_DIM)
     if HAS_LN:  # the statistics, the weight and x_hat reloaded rather than held in registers through the loops
-        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n,
-                                                        tl.num_programs(2).to(tl.int64) * H * NK)
+        k_mean, k_rstd, v_mean, v_rstd = _load_ln_stats(LN_STATS, row, mask_n, ln_plane)
         ln_w, _ = _load_ln(LNW, LNB, off_h, stride_lnh, offs_d, mask_d, zero, HAS_LN)
         part = ((off_b * H + off_h) * tl.num_programs(0) + pid_n) * HEAD_DIM + offs_d
         dk, dlnw, dlnb = _ln_rows_bwd(dk, k_base, offs_n, stride_kn, key_ok, offs_d, mask_d, k_mean, k_rstd, ln_w,
